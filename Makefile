@@ -1,0 +1,62 @@
+# tagstream developer commands. `make demo` and `make test` are the two a new user runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+KAFKACTL := $(PYTHON) dev/kafka/kafkactl.py
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
+
+## setup: create .venv and install tagstream with its test and dev extras (no-op when unchanged)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	@touch $(STAMP)
+
+## test: the whole suite, unit and integration (starts its own Kafka broker)
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+## lint: ruff and mypy --strict on the package
+lint: setup
+	$(VENV)/bin/ruff check worker tests bench dev
+	$(VENV)/bin/ruff format --check worker tests bench dev
+	$(VENV)/bin/mypy --strict worker
+
+fmt: setup
+	$(VENV)/bin/ruff check --fix worker tests bench dev
+	$(VENV)/bin/ruff format worker tests bench dev
+
+## kafka-up / kafka-down: the local broker (127.0.0.1:19092 unless TAGSTREAM_KAFKA_PORT says)
+kafka-up:
+	$(KAFKACTL) up
+
+kafka-down:
+	$(KAFKACTL) down
+
+kafka-status:
+	$(KAFKACTL) status
+
+schemas: setup
+	$(PY) -m worker schemas
+
+## demo: broker, topics, a worker with the offline MiniLM scorer, sample events, a table of results
+demo: setup kafka-up
+	$(PY) dev/demo.py
+
+bench: setup
+	$(PY) bench/scorer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

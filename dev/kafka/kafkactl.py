@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""Run a real single-node Apache Kafka broker (KRaft) from Maven Central jars, without Docker.
+
+    python3 dev/kafka/kafkactl.py up|down|restart|status|logs [--port N] [--controller-port N]
+                                                              [--data-dir DIR]
+
+``up`` resolves the jars once into ``~/.cache/tagstream/kafka-<version>/`` (Maven), formats
+storage with a fresh cluster id on first start, starts ``kafka.Kafka`` in the background and
+returns only when the broker answers a real Metadata request. ``down`` stops it through its
+pid file (SIGTERM, then SIGKILL). ``restart`` keeps the data directory.
+
+Settings come from flags, else ``TAGSTREAM_KAFKA_PORT``, ``TAGSTREAM_KAFKA_CONTROLLER_PORT``,
+``TAGSTREAM_KAFKA_DATA_DIR``, ``TAGSTREAM_KAFKA_HEAP``, else the defaults below. Standard library
+only, so it runs before the project's virtual environment exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+HERE = Path(__file__).resolve().parent
+# Away from 9092/9093 so a broker a developer already runs keeps its ports.
+DEFAULT_PORT = 19092
+DEFAULT_CONTROLLER_PORT = 19093
+# A test broker needs little memory; 512 MiB leaves room for the model on a small machine.
+DEFAULT_HEAP = "512m"
+# A cold JVM start on a loaded 2-core machine takes ~10 s; 90 s only trips on a real failure.
+START_TIMEOUT_S = 90.0
+# Kafka flushes and closes its logs on SIGTERM; a clean stop takes a few seconds.
+STOP_TIMEOUT_S = 30.0
+# Poll the broker this often while waiting for it to answer.
+PROBE_INTERVAL_S = 0.25
+# One Metadata round trip on loopback; a slow answer just means "not ready yet".
+PROBE_SOCKET_TIMEOUT_S = 2.0
+# Metadata v4..v8 use the non-flexible encoding parsed below; Kafka 4.x still serves v4.
+METADATA_API_KEY = 3
+METADATA_VERSION = 4
+EXIT_MISSING_TOOL = 3
+
+
+class KafkaCtlError(RuntimeError):
+    """A failure to report to the user (printed without a traceback)."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where one local broker listens and keeps its data."""
+
+    port: int
+    controller_port: int
+    data_dir: Path
+    heap: str = DEFAULT_HEAP
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_dirs(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "kafka.pid"
+
+    @property
+    def properties_file(self) -> Path:
+        return self.data_dir / "server.properties"
+
+    @property
+    def server_log(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.data_dir / "kafka.out"
+
+
+def kafka_version(pom: Path = HERE / "pom.xml") -> str:
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom.read_text())
+    if match is None:
+        raise KafkaCtlError(f"no <kafka.version> in {pom}")
+    return match.group(1)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tagstream"
+
+
+def default_data_dir(port: int) -> Path:
+    return cache_root() / "run" / f"kafka-{port}"
+
+
+def render_properties(config: BrokerConfig, template: Path = HERE / "server.properties.template",
+                      offsets_partitions: int = 1) -> str:
+    """Fill the server.properties template for ``config`` (pure: unit-tested)."""
+    return Template(template.read_text()).substitute(
+        port=config.port,
+        controller_port=config.controller_port,
+        log_dirs=config.log_dirs,
+        offsets_partitions=offsets_partitions,
+    )
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID, base64url without padding (22 chars)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+# --- the Kafka wire protocol, just enough for one Metadata request --------------------------
+
+
+def _metadata_request(correlation_id: int) -> bytes:
+    client_id = b"kafkactl"
+    header = struct.pack(">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(client_id))
+    body = struct.pack(">i?", -1, False)  # topics = null (all), allow_auto_topic_creation
+    payload = header + client_id + body
+    return struct.pack(">i", len(payload)) + payload
+
+
+def _read_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        chunks.extend(chunk)
+    return bytes(chunks)
+
+
+def parse_metadata_brokers(response: bytes) -> list[tuple[int, str, int]]:
+    """Brokers (node id, host, port) from a Metadata v4 response body after the correlation id."""
+    offset = 4  # throttle_time_ms
+    (count,) = struct.unpack_from(">i", response, offset)
+    offset += 4
+    brokers = []
+    for _ in range(count):
+        node_id, host_len = struct.unpack_from(">ih", response, offset)
+        offset += 6
+        host = response[offset : offset + host_len].decode()
+        offset += host_len
+        (port, rack_len) = struct.unpack_from(">ih", response, offset)
+        offset += 6 + max(rack_len, 0)
+        brokers.append((node_id, host, port))
+    return brokers
+
+
+def probe_metadata(bootstrap: str, timeout: float = PROBE_SOCKET_TIMEOUT_S) -> list[tuple[int, str, int]]:
+    """Send a real Metadata request; return the brokers it lists (raises when unreachable)."""
+    host, _, port = bootstrap.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(_metadata_request(correlation_id=1))
+        (size,) = struct.unpack(">i", _read_exact(sock, 4))
+        response = _read_exact(sock, size)
+    (correlation_id,) = struct.unpack_from(">i", response, 0)
+    if correlation_id != 1:
+        raise ConnectionError("unexpected correlation id")
+    return parse_metadata_brokers(response[4:])
+
+
+def broker_answers(bootstrap: str) -> bool:
+    try:
+        return len(probe_metadata(bootstrap)) > 0
+    except (OSError, struct.error, UnicodeDecodeError):
+        return False
+
+
+# --- jars, storage, process -----------------------------------------------------------------
+
+
+def require_tools(*names: str) -> None:
+    hints = {
+        "java": "a JDK 17 or newer (Debian: apt-get install openjdk-17-jdk-headless)",
+        "mvn": "Apache Maven (Debian: apt-get install maven)",
+    }
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing:
+        lines = [f"kafkactl: '{name}' not found on PATH; install {hints[name]}" for name in missing]
+        print("\n".join(lines), file=sys.stderr)
+        raise SystemExit(EXIT_MISSING_TOOL)
+
+
+def jar_dir() -> Path:
+    """Resolve the broker's jars once per pom.xml content into the cache; return the folder."""
+    pom = HERE / "pom.xml"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+    target = cache_root() / f"kafka-{kafka_version()}" / digest
+    marker = target / ".complete"
+    if marker.exists():
+        return target
+    require_tools("mvn")
+    print(f"kafkactl: resolving Kafka {kafka_version()} jars from Maven Central into {target}")
+    target.mkdir(parents=True, exist_ok=True)
+    command = ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
+               f"-DoutputDirectory={target}"]
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise KafkaCtlError("mvn could not resolve the Kafka jars (see its output above)")
+    marker.write_text(digest + "\n")
+    return target
+
+
+def java_command(config: BrokerConfig, jars: Path, main: str, *args: str) -> list[str]:
+    return [
+        "java",
+        f"-Xms{config.heap}",
+        f"-Xmx{config.heap}",
+        "-XX:+UseG1GC",
+        "-XX:TieredStopAtLevel=1",  # C1 only: faster start, plenty for a test broker
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={HERE / 'log4j2.xml'}",
+        f"-Dkafka.logs.dir={config.data_dir}",
+        "-cp",
+        f"{jars}/*",
+        main,
+        *args,
+    ]
+
+
+def format_storage(config: BrokerConfig, jars: Path) -> None:
+    """Format the log dir with a fresh cluster id, unless it is formatted already (restart)."""
+    if (config.log_dirs / "meta.properties").exists():
+        return
+    command = java_command(config, jars, "kafka.tools.StorageTool", "format", "--standalone",
+                           "-t", new_cluster_id(), "-c", str(config.properties_file))
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise KafkaCtlError(f"storage format failed:\n{result.stdout}{result.stderr}")
+
+
+def read_pid(config: BrokerConfig) -> int | None:
+    try:
+        pid = int(config.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+
+
+def wait_until_ready(config: BrokerConfig, pid: int, started: float) -> None:
+    while time.monotonic() - started < START_TIMEOUT_S:
+        if broker_answers(config.bootstrap):
+            return
+        if read_pid(config) != pid:
+            raise KafkaCtlError(
+                f"broker exited during start-up; last lines of {config.stdout_log} and "
+                f"{config.server_log}:\n{tail(config.stdout_log)}\n{tail(config.server_log)}"
+            )
+        time.sleep(PROBE_INTERVAL_S)
+    raise KafkaCtlError(f"broker did not answer within {START_TIMEOUT_S:.0f}s:\n"
+                        f"{tail(config.server_log)}")
+
+
+def up(config: BrokerConfig) -> None:
+    started = time.monotonic()
+    pid = read_pid(config)
+    if pid is not None:
+        if broker_answers(config.bootstrap):
+            print(f"kafkactl: broker already running (pid {pid}) on {config.bootstrap}")
+            return
+        wait_until_ready(config, pid, started)
+        print(f"kafkactl: broker running (pid {pid}) on {config.bootstrap}")
+        return
+    require_tools("java")
+    jars = jar_dir()
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.properties_file.write_text(render_properties(config))
+    format_storage(config, jars)
+    command = java_command(config, jars, "kafka.Kafka", str(config.properties_file))
+    with config.stdout_log.open("ab") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    config.pid_file.write_text(f"{process.pid}\n")
+    wait_until_ready(config, process.pid, started)
+    elapsed = time.monotonic() - started
+    print(f"kafkactl: Kafka {kafka_version()} up on {config.bootstrap} "
+          f"(pid {process.pid}, data {config.data_dir}) in {elapsed:.1f}s")
+
+
+def down(config: BrokerConfig) -> None:
+    pid = read_pid(config)
+    if pid is None:
+        config.pid_file.unlink(missing_ok=True)
+        print("kafkactl: no broker running")
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline and read_pid(config) == pid:
+        _reap(pid)
+        time.sleep(PROBE_INTERVAL_S)
+    if read_pid(config) == pid:
+        print(f"kafkactl: broker did not stop in {STOP_TIMEOUT_S:.0f}s, sending SIGKILL")
+        os.kill(pid, signal.SIGKILL)
+        _reap(pid)
+    config.pid_file.unlink(missing_ok=True)
+    print(f"kafkactl: broker stopped (pid {pid})")
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the broker is our own child (tests start it that way)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def status(config: BrokerConfig) -> int:
+    pid = read_pid(config)
+    answering = broker_answers(config.bootstrap)
+    state = "running" if pid is not None else "stopped"
+    print(f"kafkactl: {state} pid={pid} bootstrap={config.bootstrap} "
+          f"answering={'yes' if answering else 'no'} data={config.data_dir}")
+    return 0 if pid is not None and answering else 1
+
+
+def config_from(args: argparse.Namespace) -> BrokerConfig:
+    env = os.environ
+    port = args.port or int(env.get("TAGSTREAM_KAFKA_PORT", DEFAULT_PORT))
+    controller_port = args.controller_port or int(
+        env.get("TAGSTREAM_KAFKA_CONTROLLER_PORT", DEFAULT_CONTROLLER_PORT))
+    data_dir = args.data_dir or env.get("TAGSTREAM_KAFKA_DATA_DIR") or default_data_dir(port)
+    heap = env.get("TAGSTREAM_KAFKA_HEAP", DEFAULT_HEAP)
+    if port == controller_port:
+        raise KafkaCtlError("--port and --controller-port must differ")
+    return BrokerConfig(port=port, controller_port=controller_port,
+                        data_dir=Path(data_dir).resolve(), heap=heap)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down", "restart", "status", "logs"])
+    parser.add_argument("--port", type=int, help=f"broker port (default {DEFAULT_PORT})")
+    parser.add_argument("--controller-port", type=int,
+                        help=f"KRaft controller port (default {DEFAULT_CONTROLLER_PORT})")
+    parser.add_argument("--data-dir", help="data directory (default ~/.cache/tagstream/run/kafka-PORT)")
+    parser.add_argument("--lines", type=int, default=100, help="lines shown by 'logs'")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from(args)
+        if args.action == "up":
+            up(config)
+        elif args.action == "down":
+            down(config)
+        elif args.action == "restart":
+            down(config)
+            up(config)
+        elif args.action == "status":
+            return status(config)
+        else:
+            print(tail(config.server_log, args.lines))
+    except KafkaCtlError as exc:
+        print(f"kafkactl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Requests from events, tags from scores, and the scored-event wire format."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import orjson
+import pytest
+
+from worker.events import DEFAULT_HYPOTHESIS_TEMPLATE, InputEvent, ScoredEvent, Source
+from worker.scoring.base import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
+from worker.settings import TaggingSettings
+from worker.tagging import (
+    NoLabelsError,
+    ValidateError,
+    build_scored_event,
+    encode_scored_event,
+    to_request,
+)
+
+SOURCE = Source(topic="events", partition=3, offset=41, timestamp=1_700_000_000_000)
+MODEL = ModelInfo(name="org/model", revision="abc123", scorer="nli", device="cpu", dtype="float32")
+SCORED_AT = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+SCORES = LabelScores(
+    labels=("sports", "politics", "finance"),
+    scores=(0.91, 0.5, 0.2),
+    truncated=False,
+)
+
+
+def _build(
+    event: InputEvent,
+    tagging: TaggingSettings,
+    scores: LabelScores = SCORES,
+    scored_at: datetime = SCORED_AT,
+) -> ScoredEvent:
+    request = to_request(event, tagging)
+    return build_scored_event(event, request, scores, SOURCE, tagging, MODEL, scored_at)
+
+
+def test_request_takes_defaults_from_settings() -> None:
+    tagging = TaggingSettings(labels=["a", "b"], multi_label=False, hypothesis_template="X {}")
+    request = to_request(InputEvent(text="hello"), tagging)
+    assert request == ScoreRequest(
+        text="hello", labels=("a", "b"), multi_label=False, hypothesis_template="X {}"
+    )
+
+
+def test_event_values_override_settings() -> None:
+    tagging = TaggingSettings(labels=["a", "b"], multi_label=True)
+    event = InputEvent(text="t", labels=["c"], multi_label=False, hypothesis_template="About {}.")
+    request = to_request(event, tagging)
+    assert request.labels == ("c",)
+    assert request.multi_label is False
+    assert request.hypothesis_template == "About {}."
+
+
+def test_default_template_and_multi_label() -> None:
+    request = to_request(InputEvent(text="t", labels=["x"]), TaggingSettings())
+    assert request.hypothesis_template == DEFAULT_HYPOTHESIS_TEMPLATE
+    assert request.multi_label is True
+
+
+def test_no_labels_anywhere_is_a_validate_error() -> None:
+    with pytest.raises(NoLabelsError, match="no default labels") as caught:
+        to_request(InputEvent(text="t"), TaggingSettings())
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, ValidateError)
+    assert caught.value.stage == "validate"
+    assert caught.value.fields == ("labels",)
+
+
+def test_id_falls_back_to_record_coordinates() -> None:
+    tagging = TaggingSettings(labels=["sports"])
+    assert _build(InputEvent(text="t"), tagging).id == "events:3:41"
+    assert _build(InputEvent(text="t", id="evt-9"), tagging).id == "evt-9"
+
+
+def test_multi_label_tags_use_global_threshold_inclusively_in_score_order() -> None:
+    tagging = TaggingSettings(labels=["finance", "politics", "sports"], threshold=0.5)
+    scored = _build(InputEvent(text="t"), tagging)
+    assert scored.tags == ["sports", "politics"]
+    assert scored.labels == ["sports", "politics", "finance"]
+    assert scored.scores == [0.91, 0.5, 0.2]
+    assert scored.multi_label is True
+
+
+def test_per_label_thresholds_override_the_global_one() -> None:
+    tagging = TaggingSettings(
+        labels=["sports"],
+        threshold=0.5,
+        label_thresholds={"sports": 0.95, "finance": 0.1},
+    )
+    assert _build(InputEvent(text="t"), tagging).tags == ["politics", "finance"]
+
+
+def test_multi_label_can_yield_no_tags() -> None:
+    tagging = TaggingSettings(labels=["sports"], threshold=0.99)
+    assert _build(InputEvent(text="t"), tagging).tags == []
+
+
+def test_single_label_tags_the_top_label_whatever_the_threshold() -> None:
+    tagging = TaggingSettings(labels=["sports"], multi_label=False, threshold=0.99)
+    scored = _build(InputEvent(text="t"), tagging)
+    assert scored.tags == ["sports"]
+    assert scored.multi_label is False
+
+
+def test_event_multi_label_flag_decides_the_tagging_mode() -> None:
+    tagging = TaggingSettings(labels=["sports"], multi_label=True)
+    assert _build(InputEvent(text="t", multi_label=False), tagging).tags == ["sports"]
+
+
+def test_scored_event_carries_request_model_and_metadata() -> None:
+    tagging = TaggingSettings(labels=["sports"])
+    metadata = {"lang": "en", "n": [1, 2]}
+    scored = _build(InputEvent(text="t", metadata=metadata, hypothesis_template="On {}."), tagging)
+    assert scored.hypothesis_template == "On {}."
+    assert scored.model.name == "org/model"
+    assert scored.model.revision == "abc123"
+    assert scored.metadata == metadata
+    assert scored.source == SOURCE
+    assert scored.truncated is False
+
+
+NLI = {
+    "sports": NliProbabilities(entailment=0.9, contradiction=0.05, neutral=0.05),
+    "politics": NliProbabilities(entailment=0.5, contradiction=0.5, neutral=None),
+    "finance": NliProbabilities(entailment=0.2, contradiction=0.7, neutral=0.1),
+}
+SCORES_WITH_NLI = LabelScores(labels=SCORES.labels, scores=SCORES.scores, truncated=True, nli=NLI)
+
+
+def test_nli_probabilities_only_when_enabled() -> None:
+    off = _build(InputEvent(text="t"), TaggingSettings(labels=["a"]), SCORES_WITH_NLI)
+    assert off.nli is None
+    on_settings = TaggingSettings(labels=["a"], include_nli_probs=True)
+    on = _build(InputEvent(text="t"), on_settings, SCORES_WITH_NLI)
+    assert on.nli is not None
+    assert list(on.nli) == ["sports", "politics", "finance"]
+    assert on.nli["sports"].entailment == 0.9
+    assert on.nli["politics"].neutral is None
+    assert on.truncated is True
+
+
+def test_nli_enabled_but_scorer_without_probabilities_gives_none() -> None:
+    tagging = TaggingSettings(labels=["a"], include_nli_probs=True)
+    assert _build(InputEvent(text="t"), tagging).nli is None
+
+
+def test_encoding_is_compact_utc_z_and_omits_absent_nli() -> None:
+    scored = _build(InputEvent(text="t", id="x"), TaggingSettings(labels=["a"]))
+    raw = encode_scored_event(scored)
+    assert b": " not in raw
+    assert b", " not in raw
+    obj = orjson.loads(raw)
+    assert obj["scored_at"] == "2024-05-06T07:08:09.123456Z"
+    assert "nli" not in obj
+    assert obj["metadata"] is None
+    assert obj["source"] == {
+        "topic": "events",
+        "partition": 3,
+        "offset": 41,
+        "timestamp": 1_700_000_000_000,
+    }
+    assert ScoredEvent.model_validate(obj) == scored
+
+
+def test_encoding_keeps_nli_when_present() -> None:
+    tagging = TaggingSettings(labels=["a"], include_nli_probs=True)
+    scored = _build(InputEvent(text="t"), tagging, SCORES_WITH_NLI)
+    obj = orjson.loads(encode_scored_event(scored))
+    assert obj["nli"]["sports"] == {"entailment": 0.9, "contradiction": 0.05, "neutral": 0.05}
+    assert obj["nli"]["politics"]["neutral"] is None
+    assert ScoredEvent.model_validate(obj) == scored
+
+
+def test_scored_at_is_converted_to_utc() -> None:
+    plus_two = datetime(2024, 5, 6, 9, 0, 0, tzinfo=timezone(timedelta(hours=2)))
+    naive = datetime(2024, 5, 6, 7, 0, 0)
+    tagging = TaggingSettings(labels=["a"])
+    for moment in (plus_two, naive):
+        obj = orjson.loads(
+            encode_scored_event(_build(InputEvent(text="t"), tagging, SCORES, moment))
+        )
+        assert obj["scored_at"] == "2024-05-06T07:00:00Z"

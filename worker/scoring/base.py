@@ -1,0 +1,92 @@
+"""The contract between the streaming loop and any scorer.
+
+A scorer receives a batch of :class:`ScoreRequest` and returns exactly one
+:class:`ScoreOutcome` per request, in the same order: either the label scores or
+a :class:`ScoreError`. A scorer never raises for a single bad event; it isolates
+the failure so that the rest of the batch is scored normally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """One event to score: its text and the label set it is scored against."""
+
+    text: str
+    labels: tuple[str, ...]
+    multi_label: bool
+    hypothesis_template: str
+
+
+@dataclass(frozen=True, slots=True)
+class NliProbabilities:
+    """Raw NLI class probabilities of one (text, hypothesis) pair.
+
+    ``neutral`` is ``None`` for 2-class (entailment / not_entailment) models.
+    """
+
+    entailment: float
+    contradiction: float
+    neutral: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LabelScores:
+    """Scores of one event, labels sorted by score, highest first."""
+
+    labels: tuple[str, ...]
+    scores: tuple[float, ...]
+    truncated: bool
+    nli: Mapping[str, NliProbabilities] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreError:
+    """Why one event could not be scored (it goes to the dead-letter topic)."""
+
+    error_class: str
+    message: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ScoreError:
+        return cls(error_class=type(exc).__name__, message=str(exc))
+
+
+ScoreOutcome = LabelScores | ScoreError
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What produced the scores; written into every scored event and metric."""
+
+    name: str
+    revision: str
+    scorer: str
+    device: str
+    dtype: str
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A batch scorer. Implementations: NLI (default), embedding, or user code."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Token budget of one forward pass (padded length x rows)."""
+        ...
+
+    def estimate_tokens(self, request: ScoreRequest) -> int:
+        """Tokens the request adds to a micro-batch, so the batcher can close on budget."""
+        ...
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        """Score a batch; one outcome per request, same order, never raises per event."""
+        ...

@@ -1,0 +1,184 @@
+"""Where and how a model runs: device and dtype resolution, and model loading.
+
+Shared by the NLI and embedding scorers. Loading never forces network access: a hub id that is
+already in the local cache loads offline when ``HF_HUB_OFFLINE=1`` is set, exactly as
+``from_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from worker.settings import ModelSettings
+
+log = structlog.get_logger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+LOCAL_REVISION = "local"
+_DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+# How transformers words "this class cannot use SDPA" (message texts differ across versions).
+_SDPA_REFUSAL = re.compile(r"sdpa|scaled_dot_product_attention|attn_implementation", re.IGNORECASE)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises ``ValueError`` for a device that is not there, so a misconfigured worker stops at
+    start-up instead of silently running on the CPU.
+    """
+    if not _DEVICE_SPEC.match(spec):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {spec!r}")
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA GPUs that support it, float16 on other GPUs, float32 on CPU."""
+    if spec != "auto":
+        try:
+            return DTYPES[spec]
+        except KeyError:
+            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {spec!r}") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _git_commit(directory: Path) -> str | None:
+    """The commit of a git checkout of a model (``git clone`` of a hub repo), if trivially read."""
+    git = directory / ".git"
+    head_file = git / "HEAD"
+    if not head_file.is_file():
+        return None
+    head = head_file.read_text(encoding="utf-8").strip()
+    if _COMMIT_HASH.match(head):
+        return head
+    if not head.startswith("ref: "):
+        return None
+    ref = head.removeprefix("ref: ")
+    ref_file = git / ref
+    if ref_file.is_file():
+        commit = ref_file.read_text(encoding="utf-8").strip()
+        return commit if _COMMIT_HASH.match(commit) else None
+    packed = git / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text(encoding="utf-8").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == ref and _COMMIT_HASH.match(parts[0]):
+                return parts[0]
+    return None
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The snapshot commit that ``revision`` of ``repo_id`` resolves to in the local hub cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(path, str):
+        return None
+    snapshot = Path(path).parent.name
+    return snapshot if _COMMIT_HASH.match(snapshot) else None
+
+
+def _load_model(
+    settings: ModelSettings, revision: str | None, dtype: torch.dtype
+) -> PreTrainedModel:
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": settings.trust_remote_code,
+        # None: safetensors when present, else the pickle file; True: safetensors or fail.
+        "use_safetensors": None if settings.allow_pickle else True,
+        "dtype": dtype,
+    }
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            settings.model, attn_implementation="sdpa", **kwargs
+        )
+    except OSError as exc:
+        if settings.allow_pickle or "safetensors" not in str(exc):
+            raise
+        raise OSError(
+            f"{exc} (only safetensors weights are loaded unless allow_pickle is set:"
+            f" TAGSTREAM_ALLOW_PICKLE=true)"
+        ) from exc
+    except ValueError as exc:
+        if not _SDPA_REFUSAL.search(str(exc)):
+            raise
+        log.info("sdpa_unsupported", model=settings.model, detail=str(exc).splitlines()[0])
+        model = AutoModelForSequenceClassification.from_pretrained(settings.model, **kwargs)
+    return model
+
+
+def load_sequence_classifier(
+    settings: ModelSettings, device: torch.device, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load model and tokenizer; return them with the resolved revision.
+
+    ``settings.model`` is a local directory or a hub id (with ``settings.revision``). The
+    resolved revision is the snapshot commit hash for a hub id, the directory's git commit
+    or ``"local"`` for a directory. Weights must be safetensors unless ``allow_pickle``.
+    The model is moved to ``device``, cast to ``dtype`` and put in eval mode; attention
+    uses SDPA where the model class supports it.
+    """
+    directory = Path(settings.model).expanduser()
+    is_local = directory.is_dir()
+    model = _load_model(settings, None if is_local else settings.revision, dtype)
+    if is_local:
+        resolved = _git_commit(directory) or LOCAL_REVISION
+        tokenizer_revision = None
+    else:
+        resolved = (
+            _cached_commit(settings.model, settings.revision) or settings.revision or "main"
+        )
+        # Same snapshot as the weights, even if the branch moved while we were loading.
+        tokenizer_revision = resolved if _COMMIT_HASH.match(resolved) else settings.revision
+    tokenizer = AutoTokenizer.from_pretrained(
+        settings.model,
+        revision=tokenizer_revision,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    model.to(device)
+    model.eval()
+    log.info(
+        "model_loaded",
+        model=settings.model,
+        revision=resolved,
+        device=str(device),
+        dtype=dtype_name(dtype),
+        attention=getattr(model.config, "_attn_implementation", None),
+    )
+    return model, tokenizer, resolved
