@@ -31,6 +31,8 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04
 FROM ${PYTHON_IMAGE} AS base-cpu
 
 FROM ${CUDA_IMAGE} AS base-cuda
+# Unpinned on purpose: the distribution's Python follows the base image's security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
@@ -38,6 +40,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # ---------------------------------------------------------------------------- builder
+# hadolint ignore=DL3006
 FROM base-${BASE} AS builder
 ARG EXTRAS=embedding
 ARG PIP_INDEX_URL
@@ -66,16 +69,17 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && tagstream --version
 
 # ---------------------------------------------------------------------------- runtime
+# hadolint ignore=DL3006
 FROM base-${BASE} AS runtime
 # A fixed numeric id, so Kubernetes can verify runAsNonRoot without a runAsUser override.
-ARG UID=10001
+ARG APP_UID=10001
 
 LABEL org.opencontainers.image.title="tagstream" \
       org.opencontainers.image.description="Kafka worker that tags text events with zero-shot classification on GPU micro-batches" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-RUN groupadd --system --gid "${UID}" tagstream \
-    && useradd --system --uid "${UID}" --gid tagstream --home-dir /home/tagstream \
+RUN groupadd --system --gid "${APP_UID}" tagstream \
+    && useradd --system --uid "${APP_UID}" --gid tagstream --home-dir /home/tagstream \
         --create-home --shell /usr/sbin/nologin tagstream \
     && mkdir -p /var/cache/tagstream/hf \
     && chown -R tagstream:tagstream /var/cache/tagstream
@@ -93,7 +97,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     TAGSTREAM_METRICS_PORT=9400
 VOLUME ["/var/cache/tagstream/hf"]
 
-USER ${UID}:${UID}
+USER ${APP_UID}:${APP_UID}
 WORKDIR /home/tagstream
 EXPOSE 9400
 

@@ -132,7 +132,9 @@ class ScoredEvent(BaseModel):
     source: Source
     labels: list[str] = Field(description="Labels sorted by score, highest first.")
     scores: list[Probability] = Field(description="Scores in the order of 'labels'.")
-    tags: list[str] = Field(description="Labels that passed their threshold (multi-label) or the top label.")
+    tags: list[str] = Field(
+        description="Labels that passed their threshold (multi-label) or the top label."
+    )
     multi_label: bool
     hypothesis_template: str
     truncated: bool = Field(description="True when the text was cut to fit the model.")

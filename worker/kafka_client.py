@@ -12,13 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
+import structlog
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient
 
 from worker.settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
 
 # One topic-partition, the key of every per-partition structure in the worker.
 PartitionKey = tuple[str, int]
 Headers = tuple[tuple[str, bytes | None], ...]
+# Headers of a record to produce, in the form confluent-kafka accepts.
+OutHeaders = list[tuple[str, str | bytes | None]]
 
 # A few milliseconds of lingering turns a scored micro-batch into a handful of produce
 # requests instead of one request per event, at no visible latency cost.
@@ -210,3 +216,15 @@ def producer_config(kafka: KafkaSettings, *, solo: bool = False) -> dict[str, An
 def describe_partitions(keys: Sequence[PartitionKey]) -> list[str]:
     """``["news[0]", "news[3]"]`` for logs."""
     return [f"{topic}[{partition}]" for topic, partition in sorted(keys)]
+
+
+def missing_topics(kafka: KafkaSettings, names: Sequence[str], timeout_s: float) -> list[str]:
+    """Which of ``names`` the cluster does not have. An unreachable cluster is not an
+    answer: then nothing is reported missing (the worker starts and retries)."""
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers, **security_config(kafka)})
+    try:
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("cannot check the topics at start-up", error=str(exc))
+        return []
+    return [name for name in dict.fromkeys(names) if name not in metadata.topics]

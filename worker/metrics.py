@@ -9,15 +9,17 @@ Consumer lag comes from two sources:
 * **messages** (``tagstream_consumer_lag_messages{topic,partition}``): librdkafka's statistics
   (``statistics.interval.ms`` > 0 and ``stats_cb=metrics.update_from_statistics``). The value is
   the partition's high watermark (last stable offset under ``read_committed``) minus the offset
-  the worker has finished up to: librdkafka's ``consumer_lag_stored`` (from the *stored*
-  offset, which the worker stores once a record's output is acknowledged, so this needs
-  ``enable.auto.offset.store=false``), falling back to ``consumer_lag`` (from the *committed*
-  offset) before the first store of an assignment, and 0 for an empty partition.
+  the worker has finished up to: librdkafka's ``consumer_lag_stored`` (hi - *stored* offset)
+  when offsets are stored, else ``consumer_lag`` (hi - *committed* offset; the tagstream loop
+  commits explicit offsets without storing them, so there it is the committed lag), and 0 for
+  an empty partition (librdkafka reports -1 for both when nothing was ever committed).
 * **seconds** (``tagstream_consumer_lag_seconds{topic,partition}``): how far behind real time
   the worker's read position is. While the partition's message lag is above 0, it is
   ``now - timestamp of the last record consumed from the partition`` (wall clock, never
-  negative); it is exactly 0 once the message lag is 0 (drained and stored). A partition with
-  no statistics yet, or no timestamped record yet, has no series rather than a guess.
+  negative); it is exactly 0 once the message lag is 0 (input drained and committed). A
+  partition with no statistics yet, or no timestamped record yet, has no series rather than
+  a guess. Drain detection comes from the statistics, so both gauges reach 0 at most one
+  statistics interval (``STATISTICS_INTERVAL_MS``) after the commit that drains the partition.
 
 Both lag gauges are computed at scrape time and only for partitions the worker holds: a
 revoked or lost partition's series disappear at once (:meth:`WorkerMetrics.record_rebalance`),
@@ -26,12 +28,13 @@ and statistics for partitions librdkafka no longer wants (``desired: false``) ar
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 from prometheus_client import (
@@ -51,6 +54,7 @@ from prometheus_client.registry import Collector
 from worker.scoring.base import ModelInfo
 
 PREFIX = "tagstream"
+_log = logging.getLogger(__name__)
 
 # librdkafka statistics cadence the worker should configure (``statistics.interval.ms``): one
 # payload per Prometheus scrape interval (15 s default) would leave lag up to 15 s stale;
@@ -85,16 +89,6 @@ REBALANCE_KINDS: tuple[RebalanceKind, ...] = ("assigned", "revoked", "lost")
 # librdkafka's id of its internal "unassigned" partition, present in every statistics topic.
 UNASSIGNED_PARTITION = -1
 PartitionKey = tuple[str, int]
-
-
-class PartitionLike(Protocol):
-    """Anything naming a topic partition, e.g. ``confluent_kafka.TopicPartition``."""
-
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +279,12 @@ class _GpuMemoryCollector(Collector):
         return list(self._families([]))
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._families(self._probe())
+        try:
+            devices = self._probe()
+        except Exception:  # a failing probe must not fail the whole scrape
+            _log.warning("GPU memory probe failed", exc_info=True)
+            devices = []
+        yield from self._families(devices)
 
     @staticmethod
     def _families(devices: Sequence[GpuMemory]) -> Iterator[GaugeMetricFamily]:
@@ -351,8 +350,26 @@ class WorkerMetrics:
         )
         self._dead_lettered = Counter(
             _metric_name("events_dead_lettered"),
-            "Records sent to the dead-letter topic (acknowledged), by failing stage and error.",
+            "Records handed to the dead-letter producer, by failing stage and error class.",
             ["stage", "error_class"],
+            registry=reg,
+        )
+        self._discarded = Counter(
+            _metric_name("events_discarded"),
+            "Consumed records dropped without output (partition not assigned, offset seen).",
+            ["reason"],
+            registry=reg,
+        )
+        self._produce_retries = Counter(
+            _metric_name("produce_retries"),
+            "Produce calls retried after a transient error.",
+            ["error"],
+            registry=reg,
+        )
+        self._batches = Counter(
+            _metric_name("batches"),
+            "Micro-batches closed, by what closed them (size, tokens, time, flush).",
+            ["reason"],
             registry=reg,
         )
         self._commits = Counter(
@@ -417,7 +434,7 @@ class WorkerMetrics:
         reg = self.registry
         self._in_flight = Gauge(
             _metric_name("in_flight_batches"),
-            "Micro-batches closed but not yet fully acknowledged.",
+            "Micro-batches handed to the inference thread and not yet scored.",
             registry=reg,
         )
         self._paused = Gauge(
@@ -452,8 +469,16 @@ class WorkerMetrics:
         self._scored.inc(n)
 
     def record_dead_lettered(self, stage: str, error_class: str, n: int = 1) -> None:
-        """Records whose dead-letter produce the broker acknowledged."""
+        """Records handed to the dead-letter producer (final once the producer is flushed)."""
         self._dead_lettered.labels(stage=stage, error_class=error_class).inc(n)
+
+    def record_discarded(self, reason: str, n: int = 1) -> None:
+        """Consumed records dropped without output (partition not assigned, offset seen)."""
+        self._discarded.labels(reason=reason).inc(n)
+
+    def record_produce_retry(self, error: str) -> None:
+        """A produce hit a transient error (``KafkaError`` name) and is retried."""
+        self._produce_retries.labels(error=error).inc()
 
     def record_commit(self, ok: bool) -> None:
         """One offset commit attempt and whether it succeeded."""
@@ -461,23 +486,25 @@ class WorkerMetrics:
         if not ok:
             self._commit_failures.inc()
 
-    def record_rebalance(self, kind: RebalanceKind, partitions: Collection[PartitionLike]) -> None:
+    def record_rebalance(self, kind: RebalanceKind, partitions: Collection[PartitionKey]) -> None:
         """A rebalance callback; keeps ``assigned_partitions`` and the lag series in step.
 
         Call from ``on_assign`` ("assigned"), ``on_revoke`` ("revoked") and ``on_lost``
-        ("lost") with the callback's partition list; incremental (cooperative) and eager
-        protocols both work. Revoked and lost partitions lose their lag series at once.
+        ("lost") with the callback's (topic, partition) pairs; incremental (cooperative) and
+        eager protocols both work. Revoked and lost partitions lose their lag series at once.
         """
-        keys = [(tp.topic, tp.partition) for tp in partitions]
         self._rebalances.labels(kind=kind).inc()
-        self._rebalance_partitions.labels(kind=kind).inc(len(keys))
-        held = self._lag.assign(keys) if kind == "assigned" else self._lag.revoke(keys)
+        self._rebalance_partitions.labels(kind=kind).inc(len(partitions))
+        held = self._lag.assign(partitions) if kind == "assigned" else self._lag.revoke(partitions)
         self._assigned.set(held)
 
     # -- histograms --------------------------------------------------------------------------
 
-    def observe_batch(self, size: int, tokens: int, max_batch_size: int, wait_s: float) -> None:
-        """A micro-batch closed: its events, tokens, fill ratio and first-event wait."""
+    def observe_batch(
+        self, size: int, tokens: int, max_batch_size: int, wait_s: float, reason: str = "unknown"
+    ) -> None:
+        """A micro-batch closed: its events, tokens, fill ratio, first-event wait, and why."""
+        self._batches.labels(reason=reason).inc()
         self._batch_size.observe(size)
         self._batch_tokens.observe(tokens)
         if max_batch_size > 0:
@@ -502,6 +529,11 @@ class WorkerMetrics:
     def set_in_flight(self, n: int) -> None:
         self._in_flight.set(n)
 
+    def track_in_flight(self, source: Callable[[], float]) -> None:
+        """Sample in-flight batches at scrape time (e.g. ``lambda: handoff.in_flight``);
+        exact, and later :meth:`set_in_flight` calls no longer matter."""
+        self._in_flight.set_function(source)
+
     def set_paused(self, n: int) -> None:
         self._paused.set(n)
 
@@ -519,8 +551,15 @@ class WorkerMetrics:
     # -- lag ---------------------------------------------------------------------------------
 
     def update_from_statistics(self, stats_json: str | bytes) -> None:
-        """librdkafka ``stats_cb``: refresh the lag in messages of every wanted partition."""
-        lags, unwanted = parse_statistics(stats_json)
+        """librdkafka ``stats_cb``: refresh the lag in messages of every wanted partition.
+
+        Never raises: an exception in a confluent-kafka callback would surface from ``poll``.
+        """
+        try:
+            lags, unwanted = parse_statistics(stats_json)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            _log.warning("unreadable librdkafka statistics ignored", exc_info=True)
+            return
         self._lag.update(lags, unwanted)
 
     def observe_record_timestamp(self, topic: str, partition: int, timestamp_ms: int) -> None:

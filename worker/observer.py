@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from worker.kafka_client import PartitionKey
+from worker.kafka_client import InputRecord, PartitionKey
 
 
 class Observer:
     """No-op hooks; subclass and override what you need."""
 
-    def records_polled(self, count: int) -> None:
-        """Main thread: one poll returned ``count`` records."""
+    def records_consumed(self, records: Sequence[InputRecord]) -> None:
+        """Main thread: the records one poll returned (before decoding)."""
 
     def record_discarded(self, key: PartitionKey, reason: str) -> None:
         """Main thread: a record of a partition not (or no longer) assigned was skipped."""

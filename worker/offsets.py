@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from worker.kafka_client import PartitionKey
+from worker.kafka_client import InputRecord, PartitionKey
 
 
 class PartitionOffsets:
@@ -45,6 +46,10 @@ class PartitionOffsets:
         """Record a consumed offset; ``False`` (ignore the record) if it is not new."""
         if self._last_received is not None and offset <= self._last_received:
             return False
+        if self._last_received is None and self.committed is None:
+            # The fetch of a fresh assignment starts at the group's position: no need to
+            # commit it again before something is done.
+            self.committed = offset
         self._order.append(offset)
         self._waiting.add(offset)
         self._last_received = offset
@@ -135,3 +140,19 @@ class OffsetTracker:
             state = self._partitions.get(key)
             if state is not None:
                 state.committed = position
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """A consumed record and the assignment of its partition that received it."""
+
+    record: InputRecord
+    partition: PartitionOffsets
+
+    @property
+    def active(self) -> bool:
+        """False once the partition was revoked or lost: the work is someone else's now."""
+        return self.partition.active
+
+    def mark_done(self) -> None:
+        self.partition.mark_done(self.record.offset)

@@ -53,8 +53,17 @@ class KafkaCluster:
         """Run ``kafkactl.py ACTION`` against this broker (managed brokers only)."""
         if not self.managed:
             pytest.skip("needs the session's own broker (TAGSTREAM_TEST_BOOTSTRAP is set)")
-        command = [sys.executable, str(KAFKACTL), action, "--port", str(self.port),
-                   "--controller-port", str(self.controller_port), "--data-dir", str(self.data_dir)]
+        command = [
+            sys.executable,
+            str(KAFKACTL),
+            action,
+            "--port",
+            str(self.port),
+            "--controller-port",
+            str(self.controller_port),
+            "--data-dir",
+            str(self.data_dir),
+        ]
         return subprocess.run(command, capture_output=True, text=True, check=False, timeout=180)
 
     def restart(self) -> None:
@@ -79,8 +88,11 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
         return
     port, controller_port = free_port(), free_port()
     cluster = KafkaCluster(
-        bootstrap=f"127.0.0.1:{port}", managed=True, port=port,
-        controller_port=controller_port, data_dir=tmp_path_factory.mktemp("kafka"),
+        bootstrap=f"127.0.0.1:{port}",
+        managed=True,
+        port=port,
+        controller_port=controller_port,
+        data_dir=tmp_path_factory.mktemp("kafka"),
     )
     result = cluster.kafkactl("up")
     if result.returncode != 0:
@@ -98,8 +110,9 @@ def admin(kafka: KafkaCluster) -> AdminClient:
     return AdminClient({"bootstrap.servers": kafka.bootstrap})
 
 
-def create_topic(admin: AdminClient, name: str, partitions: int = 1,
-                 config: dict[str, str] | None = None) -> str:
+def create_topic(
+    admin: AdminClient, name: str, partitions: int = 1, config: dict[str, str] | None = None
+) -> str:
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
         operation_timeout=ADMIN_TIMEOUT_S,
@@ -112,8 +125,9 @@ def create_topic(admin: AdminClient, name: str, partitions: int = 1,
 def new_topic(admin: AdminClient) -> Callable[..., str]:
     """``new_topic(partitions=1, config=None, prefix="t") -> name``: a fresh, unique topic."""
 
-    def factory(partitions: int = 1, config: dict[str, str] | None = None,
-                prefix: str = "t") -> str:
+    def factory(
+        partitions: int = 1, config: dict[str, str] | None = None, prefix: str = "t"
+    ) -> str:
         return create_topic(admin, unique_name(prefix), partitions, config)
 
     return factory

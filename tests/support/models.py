@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -36,6 +38,7 @@ from transformers import (
     DebertaV2ForSequenceClassification,
     DebertaV2Tokenizer,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 SEED = 1234
@@ -55,6 +58,12 @@ CLASSIFIER_GAIN = 4.0
 # Weight init std of the tiny encoders: at the usual 0.02-0.1 every hypothesis gets nearly the
 # same entailment logit (spread < 0.2); at 0.5 logits spread by 1-4 units across labels.
 TINY_INIT_STD = 0.5
+# Unigram log-probabilities rounded to this many decimals: run-to-run noise is ~1e-15.
+UNIGRAM_SCORE_DECIMALS = 6
+# The Unigram trainer appends missing characters with scores 1e-4 apart below the lowest.
+APPENDED_CHARS_SCORE_BAND = 0.01
+# Generated pairs over which the tiny classifiers are centred (mean logit 0 per class).
+CALIBRATION_PAIRS = 64
 # A loaded tokenizer with fewer tokens than this lost its vocabulary (empty-tokenizer trap).
 MIN_LOADED_VOCAB = 300
 
@@ -81,7 +90,7 @@ LABEL_WORDS = (
     "crime",
     "environment",
 )
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a paragraph reads better than 260 quoted words
     "the a an this that these those some many every no one two three four five "
     "team game match player coach season league goal score win lose fans stadium "
     "market stock price bank money loan rate budget tax profit company shares trade "
@@ -149,7 +158,7 @@ def _bpe_vocab_and_merges(
 
 
 def _unigram_vocab(vocab_size: int) -> list[tuple[str, float]]:
-    """SentencePiece-style Unigram with DeBERTa-v3's special ids ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3)."""
+    """SentencePiece-style Unigram with DeBERTa-v3's ids ([PAD]=0 [CLS]=1 [SEP]=2 [UNK]=3)."""
     tokenizer = Tokenizer(models.Unigram())
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFC()])
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
@@ -161,22 +170,52 @@ def _unigram_vocab(vocab_size: int) -> list[tuple[str, float]]:
     )
     model = _train_json(tokenizer, trainer)["model"]
     assert isinstance(model, dict)
-    return [(str(piece), float(score)) for piece, score in model["vocab"]]
+    vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
+    return _deterministic_unigram(vocab)
 
 
-def _wordpiece_vocab(vocab_size: int) -> dict[str, int]:
-    """BERT-style uncased WordPiece ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
-        show_progress=False,
-    )
-    model = _train_json(tokenizer, trainer)["model"]
-    assert isinstance(model, dict)
-    return dict(model["vocab"])
+def _deterministic_unigram(vocab: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Remove the Unigram trainer's run-to-run noise from its vocabulary.
+
+    Scores are summed in parallel (they differ in the last bits): round them. The characters
+    the trainer appends with the lowest scores (min, min - 1e-4, ...) come in hash order:
+    give that cluster's scores, highest first, to its characters in sorted order.
+    """
+    rounded = [(piece, round(score, UNIGRAM_SCORE_DECIMALS)) for piece, score in vocab]
+    lowest = min(score for _, score in rounded)
+    cluster = [
+        i
+        for i, (piece, score) in enumerate(rounded)
+        if len(piece) == 1 and score <= lowest + APPENDED_CHARS_SCORE_BAND
+    ]
+    pieces = sorted(rounded[i][0] for i in cluster)
+    scores = sorted((rounded[i][1] for i in cluster), reverse=True)
+    for i, piece, score in zip(cluster, pieces, scores, strict=True):
+        rounded[i] = (piece, score)
+    return rounded
+
+
+def _wordpiece_vocab() -> dict[str, int]:
+    """BERT-style uncased WordPiece ([PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4).
+
+    Built from the corpus rather than trained: the WordPiece trainer's alphabet order (and so
+    its vocabulary) changes from run to run. Every corpus character, alone and as a ``##``
+    continuation, then every corpus word, in sorted order.
+    """
+    text = " ".join(_corpus()).lower()
+    words = sorted({w for w in re.findall(r"[a-z]+", text)})
+    chars = sorted({c for c in text if not c.isspace()})
+    tokens = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *chars,
+        *(f"##{c}" for c in chars),
+        *(w for w in words if len(w) > 1),
+    ]
+    return {token: index for index, token in enumerate(tokens)}
 
 
 def check_tokenizer_loaded(target: Path) -> int:
@@ -208,21 +247,42 @@ def _widen_linear(layer: nn.Linear, gain: float, generator: torch.Generator) -> 
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.5)
 
 
+def _center_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, head: nn.Linear
+) -> None:
+    """Shift ``head``'s bias so every class averages a zero logit over generated NLI pairs.
+
+    Without it one class dominates everywhere and multi-label scores bunch near 0 or 1, where
+    a probability hides large logit errors; centred, scores spread over the whole range.
+    """
+    premises = list(generated_sentences(CALIBRATION_PAIRS, seed=SEED + 2))
+    hypotheses = [
+        f"This example is {LABEL_WORDS[i % len(LABEL_WORDS)]}." for i in range(len(premises))
+    ]
+    batch = tokenizer(premises, hypotheses, padding=True, return_tensors="pt")
+    model.train(False)
+    with torch.no_grad():
+        mean = model(**batch).logits.mean(dim=0)
+        assert head.bias is not None
+        head.bias.sub_(mean)
+
+
 def _save(model: PreTrainedModel, target: Path) -> Path:
-    model.eval()
+    model.train(False)
     model.save_pretrained(target, safe_serialization=True)
     if not (target / "model.safetensors").is_file():
         raise AssertionError(f"no model.safetensors written to {target}")
     return target
 
 
-def _label_maps(id2label: dict[int, str]) -> dict[str, object]:
+def _label_maps(id2label: dict[int, str]) -> dict[str, Any]:
     return {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
 
 
 def _bart_tokenizer(target: Path, vocab_size: int, max_length: int) -> BartTokenizer:
     vocab, merges = _bpe_vocab_and_merges(vocab_size)
-    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    # transformers types `merges` as strings, but the BPE backend takes (left, right) tuples.
+    tokenizer = BartTokenizer(vocab=vocab, merges=cast(Any, merges), model_max_length=max_length)
     tokenizer.save_pretrained(target)
     return tokenizer
 
@@ -253,9 +313,19 @@ def build_tiny_bart(target: Path) -> Path:
     generator = torch.Generator().manual_seed(SEED)
     _widen_linear(model.classification_head.dense, 1.0, generator)
     _widen_linear(model.classification_head.out_proj, CLASSIFIER_GAIN, generator)
+    _center_logits(model, tokenizer, model.classification_head.out_proj)
     _save(model, target)
     check_tokenizer_loaded(target)
     return target
+
+
+# DeBERTa-v3 settings the config class accepts only as extra keyword arguments.
+_DEBERTA_V3_EXTRAS: dict[str, Any] = {
+    "position_buckets": 64,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pooler_hidden_size": TINY_HIDDEN,
+}
 
 
 def build_tiny_deberta(target: Path) -> Path:
@@ -275,22 +345,20 @@ def build_tiny_deberta(target: Path) -> Path:
         max_position_embeddings=TINY_MAX_LENGTH,
         # DeBERTa-v3: relative attention only, no absolute positions, no token types.
         relative_attention=True,
-        position_buckets=64,
         max_relative_positions=-1,
         pos_att_type=["p2c", "c2p"],
         position_biased_input=False,
-        norm_rel_ebd="layer_norm",
-        share_att_key=True,
         type_vocab_size=0,
-        pooler_hidden_size=TINY_HIDDEN,
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=TINY_INIT_STD,
+        **_DEBERTA_V3_EXTRAS,
         **_label_maps(DEBERTA_NLI_LABELS),
     )
     model = DebertaV2ForSequenceClassification(config)
     generator = torch.Generator().manual_seed(SEED)
     _widen_linear(model.pooler.dense, 1.0, generator)
     _widen_linear(model.classifier, CLASSIFIER_GAIN, generator)
+    _center_logits(model, tokenizer, model.classifier)
     _save(model, target)
     check_tokenizer_loaded(target)
     return target
@@ -299,9 +367,7 @@ def build_tiny_deberta(target: Path) -> Path:
 def build_tiny_two_class(target: Path) -> Path:
     """A 2-layer BERT with entailment / not_entailment labels and token-type embeddings."""
     target.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(
-        vocab=_wordpiece_vocab(TINY_VOCAB_SIZE), model_max_length=TINY_MAX_LENGTH
-    )
+    tokenizer = BertTokenizer(vocab=_wordpiece_vocab(), model_max_length=TINY_MAX_LENGTH)
     tokenizer.save_pretrained(target)
     torch.manual_seed(SEED)
     config = BertConfig(
@@ -318,8 +384,10 @@ def build_tiny_two_class(target: Path) -> Path:
     )
     model = BertForSequenceClassification(config)
     generator = torch.Generator().manual_seed(SEED)
+    assert model.bert.pooler is not None
     _widen_linear(model.bert.pooler.dense, 1.0, generator)
     _widen_linear(model.classifier, CLASSIFIER_GAIN, generator)
+    _center_logits(model, tokenizer, model.classifier)
     _save(model, target)
     check_tokenizer_loaded(target)
     return target
@@ -336,18 +404,10 @@ BART_LARGE_FFN = 4096
 BART_LARGE_MAX_LENGTH = 1024
 
 
-def bart_large_shaped(target: Path) -> Path:
-    """Random-weight BART with bart-large's layer shapes, for the benchmark only (slow).
-
-    Reuses an existing build in ``target`` (the build takes tens of seconds and ~1.5 GB).
-    """
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    tokenizer = _bart_tokenizer(target, TINY_VOCAB_SIZE, BART_LARGE_MAX_LENGTH)
-    torch.manual_seed(SEED)
-    config = BartConfig(
-        vocab_size=len(tokenizer),
+def bart_large_config(vocab_size: int) -> BartConfig:
+    """facebook/bart-large-mnli's layer shapes and label order, with ``vocab_size`` tokens."""
+    return BartConfig(
+        vocab_size=vocab_size,
         d_model=BART_LARGE_D_MODEL,
         encoder_layers=BART_LARGE_LAYERS,
         decoder_layers=BART_LARGE_LAYERS,
@@ -356,14 +416,28 @@ def bart_large_shaped(target: Path) -> Path:
         encoder_ffn_dim=BART_LARGE_FFN,
         decoder_ffn_dim=BART_LARGE_FFN,
         max_position_embeddings=BART_LARGE_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
         scale_embedding=False,
         **_label_maps(BART_NLI_LABELS),
     )
-    model = BartForSequenceClassification(config)
+
+
+def bart_large_shaped(target: Path) -> Path:
+    """Random-weight BART with bart-large's layer shapes, for the benchmark only (slow).
+
+    Reuses an existing build in ``target`` (the build takes tens of seconds and ~1.4 GB).
+    """
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer = _bart_tokenizer(target, TINY_VOCAB_SIZE, BART_LARGE_MAX_LENGTH)
+    # The tokenizer's special ids are BART's, which bart_large_config assumes.
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    torch.manual_seed(SEED)
+    model = BartForSequenceClassification(bart_large_config(len(tokenizer)))
     _save(model, target)
     check_tokenizer_loaded(target)
     return target

@@ -32,6 +32,7 @@ from tokenizers import Encoding, Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
 from worker.scoring.base import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
+from worker.scoring.factory import ScorerConfigError
 from worker.scoring.runtime import LOCAL_REVISION, dtype_name, resolve_device, resolve_dtype
 from worker.settings import DEFAULT_MODEL, ModelSettings
 
@@ -52,6 +53,10 @@ CHARS_PER_TOKEN: Final = 4
 SPECIAL_TOKENS: Final = 2
 # Position limit assumed when neither the model nor its tokenizer declares a usable one.
 FALLBACK_MAX_LENGTH: Final = 512
+# Tensor cores work on multiples of 8 in half precision: pad batch widths to one.
+PAD_MULTIPLE: Final = 8
+# Floor of the token budget after CUDA out-of-memory halvings (ModelSettings' minimum).
+MIN_BATCH_TOKENS: Final = 64
 # Tokenizers report a huge sentinel (1e30) when they have no limit.
 _NO_LIMIT: Final = 1_000_000
 
@@ -65,7 +70,7 @@ SCORER_NAME: Final = "embedding"
 _NOT_EMBEDDED: Final = RuntimeError("row was not embedded")
 
 
-class EmbeddingModelError(RuntimeError):
+class EmbeddingModelError(ScorerConfigError):
     """The embedding model cannot be found or loaded; the message names the setting."""
 
 
@@ -152,10 +157,19 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 def similarity_scores(cosines: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Map the cosines of one text against its labels to scores in [0, 1]."""
+    """Map cosines (texts x labels, or one text's labels) to scores in [0, 1].
+
+    Single-label scores are a softmax over the last dimension: one distribution per text.
+    """
     if multi_label:
         return torch.sigmoid((cosines - MULTI_LABEL_CENTER) / MULTI_LABEL_SCALE)
     return torch.softmax(cosines / SINGLE_LABEL_TEMPERATURE, dim=-1)
+
+
+def padded_length(length: int, max_length: int) -> int:
+    """``length`` rounded up to a multiple of PAD_MULTIPLE, never beyond the model limit."""
+    rounded = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+    return max(length, min(rounded, max_length))
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -213,7 +227,9 @@ class EmbeddingScorer:
         self._info = info
         self._device = device
         self._max_length = max_length
-        self._max_batch_tokens = max_batch_tokens
+        self._max_batch_tokens = max(max_batch_tokens, MIN_BATCH_TOKENS)
+        # Pinned host memory lets the copy to the GPU overlap with compute.
+        self._pin = device.type == "cuda"
         self._pad_token_id = pad_token_id
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = label_cache_size
@@ -231,6 +247,7 @@ class EmbeddingScorer:
 
     @property
     def max_batch_tokens(self) -> int:
+        """The current token budget; halved for good after a CUDA out-of-memory error."""
         return self._max_batch_tokens
 
     @property
@@ -282,26 +299,34 @@ class EmbeddingScorer:
         label_vectors: dict[str, torch.Tensor | BaseException],
         outcomes: list[ScoreOutcome | None],
     ) -> None:
-        """Score every request whose text and hypotheses embedded; one host transfer."""
-        ready: list[tuple[int, torch.Tensor]] = []
+        """Score every request whose text and hypotheses embedded.
+
+        Requests sharing a label set and mode (the common case: configured defaults) are
+        scored with one matrix product; all scores come back to the host in one transfer.
+        """
+        groups: dict[tuple[tuple[str, ...], bool], list[tuple[int, torch.Tensor]]] = {}
         for (index, hyps), text_vector in zip(prepared, text_vectors, strict=True):
             failure = _first_failure(text_vector, *(label_vectors[hyp] for hyp in hyps))
             if failure is not None:
                 outcomes[index] = ScoreError.from_exception(failure)
                 continue
-            assert isinstance(text_vector, torch.Tensor)
-            matrix = torch.stack([_tensor(label_vectors[hyp]) for hyp in hyps])
-            cosines = matrix @ text_vector
-            ready.append((index, similarity_scores(cosines, requests[index].multi_label)))
-        if not ready:
+            key = (hyps, requests[index].multi_label)
+            groups.setdefault(key, []).append((index, _tensor(text_vector)))
+        if not groups:
             return
-        flat = torch.cat([scores for _, scores in ready]).cpu().tolist()
+        blocks = []
+        for (hyps, multi_label), members in groups.items():
+            texts = torch.stack([vector for _, vector in members])
+            labels = torch.stack([_tensor(label_vectors[hyp]) for hyp in hyps])
+            blocks.append(similarity_scores(texts @ labels.T, multi_label).flatten())
+        flat = torch.cat(blocks).cpu().tolist()
         truncated = {i: _truncated(enc) for (i, _), enc in zip(prepared, encodings, strict=True)}
         start = 0
-        for index, scores in ready:
-            values = flat[start : start + scores.numel()]
-            start += scores.numel()
-            outcomes[index] = _ranked(requests[index].labels, values, truncated[index])
+        for (hyps, _), members in groups.items():
+            for index, _ in members:
+                values = flat[start : start + len(hyps)]
+                start += len(hyps)
+                outcomes[index] = _ranked(requests[index].labels, values, truncated[index])
 
     def _encode(self, texts: list[str]) -> list[Encoding | BaseException]:
         try:
@@ -332,7 +357,7 @@ class EmbeddingScorer:
             for hypothesis, vector in zip(missing, vectors, strict=True):
                 found[hypothesis] = vector
                 if isinstance(vector, torch.Tensor):
-                    self._remember(hypothesis, vector)
+                    self._remember(hypothesis, vector.clone())  # not a view of the batch
         return found
 
     def _remember(self, hypothesis: str, vector: torch.Tensor) -> None:
@@ -343,47 +368,53 @@ class EmbeddingScorer:
     def _embed(
         self, encodings: list[Encoding | BaseException]
     ) -> list[torch.Tensor | BaseException]:
-        """Embeddings in input order; a failed batch is retried row by row."""
+        """Embeddings in input order; a failing batch is split until the culprit is alone."""
         # Tokenizer errors stay put; every encoded row is overwritten by its batch below.
         results: list[torch.Tensor | BaseException] = [
             item if isinstance(item, BaseException) else _NOT_EMBEDDED for item in encodings
         ]
         rows = [i for i, enc in enumerate(encodings) if isinstance(enc, Encoding)]
-        lengths = [len(_encoding(encodings[i]).ids) for i in rows]
-        for batch in plan_batches(lengths, self._max_batch_tokens):
+        widths = [padded_length(len(_encoding(encodings[i]).ids), self._max_length) for i in rows]
+        for batch in plan_batches(widths, self._max_batch_tokens):
             members = [rows[position] for position in batch]
-            for index, vector in zip(
-                members, self._forward_isolated(encodings, members), strict=True
-            ):
+            vectors = self._forward_isolated([_encoding(encodings[i]) for i in members])
+            for index, vector in zip(members, vectors, strict=True):
                 results[index] = vector
         return results
 
-    def _forward_isolated(
-        self, encodings: list[Encoding | BaseException], members: list[int]
-    ) -> list[torch.Tensor | BaseException]:
-        batch = [_encoding(encodings[index]) for index in members]
+    def _forward_isolated(self, batch: list[Encoding]) -> list[torch.Tensor | BaseException]:
+        """Forward ``batch``; on failure retry each half, so one bad row fails alone.
+
+        A CUDA out-of-memory error also halves the token budget for later batches.
+        """
         try:
             return list(self._forward(batch).unbind(0))
+        except torch.cuda.OutOfMemoryError as exc:
+            self._halve_budget()
+            failure: BaseException = exc
         except Exception as exc:
-            if len(batch) == 1:
-                return [exc]
-        outcomes: list[torch.Tensor | BaseException] = []
-        for encoding in batch:
-            try:
-                outcomes.append(self._forward([encoding])[0])
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+            failure = exc
+        if len(batch) == 1:
+            return [failure]
+        middle = len(batch) // 2
+        return self._forward_isolated(batch[:middle]) + self._forward_isolated(batch[middle:])
+
+    def _halve_budget(self) -> None:
+        self._max_batch_tokens = max(self._max_batch_tokens // 2, MIN_BATCH_TOKENS)
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _forward(self, batch: list[Encoding]) -> torch.Tensor:
-        width = max(len(encoding.ids) for encoding in batch)
+        width = padded_length(max(len(encoding.ids) for encoding in batch), self._max_length)
         ids = torch.full((len(batch), width), self._pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, encoding in enumerate(batch):
             ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids, dtype=torch.long)
             mask[row, : len(encoding.ids)] = 1
-        ids = ids.to(self._device, non_blocking=True)
-        mask = mask.to(self._device, non_blocking=True)
+        if self._pin:
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        ids = ids.to(self._device, non_blocking=self._pin)
+        mask = mask.to(self._device, non_blocking=self._pin)
         with torch.inference_mode():
             output: Any = self._model(input_ids=ids, attention_mask=mask)
             return mean_pool(output.last_hidden_state, mask)

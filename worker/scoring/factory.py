@@ -32,12 +32,16 @@ def _import_factory(path: str) -> Callable[[ModelSettings], object]:
     return cast(Callable[[ModelSettings], object], factory)
 
 
-def build_scorer(settings: ModelSettings) -> Scorer:
-    """Load the model and return a ready scorer (this is where start-up time goes)."""
+def build_scorer(settings: ModelSettings, *, include_nli_probs: bool = False) -> Scorer:
+    """Load the model and return a ready scorer (this is where start-up time goes).
+
+    ``include_nli_probs`` (``TaggingSettings.include_nli_probs``) asks the NLI scorer for the
+    per-label entailment / neutral / contradiction probabilities; other scorers ignore it.
+    """
     if settings.scorer == "nli":
         from worker.scoring.nli import NliScorer
 
-        return NliScorer.from_settings(settings)
+        return NliScorer.from_settings(settings, include_nli_probs=include_nli_probs)
     if settings.scorer == "embedding":
         from worker.scoring.embedding import EmbeddingScorer
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 import torch
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -105,8 +106,6 @@ def _git_commit(directory: Path) -> str | None:
 
 def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     """The snapshot commit that ``revision`` of ``repo_id`` resolves to in the local hub cache."""
-    from huggingface_hub import try_to_load_from_cache
-
     path = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     if not isinstance(path, str):
         return None
@@ -124,6 +123,7 @@ def _load_model(
         "use_safetensors": None if settings.allow_pickle else True,
         "dtype": dtype,
     }
+    model: PreTrainedModel
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             settings.model, attn_implementation="sdpa", **kwargs
@@ -161,9 +161,7 @@ def load_sequence_classifier(
         resolved = _git_commit(directory) or LOCAL_REVISION
         tokenizer_revision = None
     else:
-        resolved = (
-            _cached_commit(settings.model, settings.revision) or settings.revision or "main"
-        )
+        resolved = _cached_commit(settings.model, settings.revision) or settings.revision or "main"
         # Same snapshot as the weights, even if the branch moved while we were loading.
         tokenizer_revision = resolved if _COMMIT_HASH.match(resolved) else settings.revision
     tokenizer = AutoTokenizer.from_pretrained(
@@ -171,8 +169,8 @@ def load_sequence_classifier(
         revision=tokenizer_revision,
         trust_remote_code=settings.trust_remote_code,
     )
-    model.to(device)
-    model.eval()
+    torch.nn.Module.to(model, device)
+    model.train(False)
     log.info(
         "model_loaded",
         model=settings.model,

@@ -1,0 +1,665 @@
+"""Zero-shot classification with an NLI model, scored exactly as transformers' pipeline scores.
+
+Each (text, label) pair becomes the NLI pair (premise = text, hypothesis =
+``template.format(label)``). Scores follow ``ZeroShotClassificationPipeline``:
+
+* multi-label, or a single label: per pair, softmax over the [contradiction, entailment]
+  logits, entailment's share;
+* single-label: softmax of the entailment logits across the event's labels.
+
+The entailment index is the first ``config.label2id`` entry whose name starts with
+"entail" (case-insensitive). The contradiction index is the pipeline's: index 0, or the last
+index when entailment is 0. (The pipeline does *not* look for a "contra..." label; when a label
+named so sits elsewhere we keep the pipeline's choice for parity and log a warning.) For a
+2-class model this makes "not_entailment" the contradiction column.
+
+Throughput comes from doing less work than the pipeline, never different work: each distinct
+text and hypothesis is tokenized once per batch (hypotheses are cached across batches), each
+distinct (text, hypothesis) pair is scored once, pairs are sorted by length and cut into
+sub-batches of similar lengths under a token budget (padded length x rows, lengths padded to a
+multiple of 8; see :func:`plan_sub_batches`), and
+on a GPU every sub-batch is prepared on the CPU while the device runs the previous ones, with a
+single synchronisation when the logits are read back.
+
+``include_nli_probs`` (constructor and :meth:`NliScorer.from_settings` keyword; the worker
+takes it from ``TaggingSettings.include_nli_probs``) also returns each label's full NLI
+class probabilities (softmax over all classes; ``neutral`` is None without a neutral class).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from worker.scoring.base import (
+    LabelScores,
+    ModelInfo,
+    NliProbabilities,
+    ScoreError,
+    ScoreOutcome,
+    ScoreRequest,
+)
+from worker.scoring.nli_pairs import (
+    TOKEN_TYPE_IDS,
+    EncodedPair,
+    LruCache,
+    PairTemplate,
+    derive_pair_template,
+    fit_premise,
+)
+from worker.scoring.runtime import (
+    LOCAL_REVISION,
+    dtype_name,
+    load_sequence_classifier,
+    resolve_device,
+    resolve_dtype,
+)
+from worker.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+
+log = structlog.get_logger(__name__)
+
+# Tensor-core friendly sequence lengths; also makes few distinct shapes for kernel caches.
+PAD_MULTIPLE = 8
+# A row shorter than this share of its sub-batch's padded length starts a new sub-batch:
+# padding stays under a quarter of the row's own length, at the cost of a few more passes.
+MIN_ROW_FILL = 0.8
+# The OOM fallback never halves the budget below this (the settings' own minimum).
+MIN_BATCH_TOKENS = 64
+# Distinct hypotheses kept tokenized across batches: labels x templates in use, with headroom.
+HYPOTHESIS_CACHE_SIZE = 8192
+# English averages ~4 characters per subword token; the batcher only needs a rough size.
+CHARS_PER_TOKEN = 4
+# tokenizer.model_max_length above this means "not set" (transformers uses 1e30).
+UNSET_MODEL_MAX_LENGTH = 1_000_000
+# Used when the tokenizer does not say: the common encoder limit, and never past the positions.
+FALLBACK_MAX_LENGTH = 512
+
+
+class SequenceClassifier(Protocol):
+    """What the scorer needs of a model: a transformers ``*ForSequenceClassification``."""
+
+    config: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def parameters(self, recurse: bool = ...) -> Iterator[torch.nn.Parameter]: ...
+
+    def eval(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NliLabelIndices:
+    """Logit columns: ``contradiction`` is the pipeline's, ``named_contradiction`` the label's."""
+
+    entailment: int
+    contradiction: int
+    named_contradiction: int
+    neutral: int | None
+    num_labels: int
+
+    @classmethod
+    def from_config(cls, config: Any, model_name: str) -> NliLabelIndices:
+        label2id = {str(name): int(index) for name, index in config.label2id.items()}
+        num_labels = int(config.num_labels)
+        entailment = next(
+            (i for name, i in label2id.items() if name.lower().startswith("entail")), None
+        )
+        if entailment is None or num_labels < 2:
+            raise ValueError(
+                f"model {model_name!r} has no entailment label (labels: {sorted(label2id)});"
+                " zero-shot NLI scoring needs a label starting with 'entail'"
+            )
+        # transformers' ZeroShotClassificationPipeline: `-1 if entailment_id == 0 else 0`.
+        contradiction = num_labels - 1 if entailment == 0 else 0
+        named = next((i for n, i in label2id.items() if n.lower().startswith("contra")), None)
+        if named is not None and named != contradiction:
+            log.warning(
+                "contradiction_label_not_used",
+                model=model_name,
+                labels=label2id,
+                pipeline_index=contradiction,
+                label_index=named,
+            )
+        neutral = next((i for n, i in label2id.items() if n.lower().startswith("neutral")), None)
+        return cls(
+            entailment=entailment,
+            contradiction=contradiction,
+            named_contradiction=contradiction if named is None else named,
+            neutral=neutral,
+            num_labels=num_labels,
+        )
+
+
+@dataclass(slots=True)
+class _Encoded:
+    """A batch turned into distinct pairs; each request holds its pair indices or its error."""
+
+    pairs: list[EncodedPair]
+    refs: list[list[int] | BaseException]
+
+
+_Batch = dict[str, torch.Tensor]
+
+
+@dataclass(slots=True)
+class _Results:
+    logits: torch.Tensor
+    failures: dict[int, BaseException]
+
+
+def _model_max_length(tokenizer: PreTrainedTokenizerBase, config: Any, name: str) -> int:
+    declared = int(tokenizer.model_max_length or 0)
+    if 0 < declared < UNSET_MODEL_MAX_LENGTH:
+        return declared
+    positions = int(getattr(config, "max_position_embeddings", 0) or 0)
+    fallback = min(positions, FALLBACK_MAX_LENGTH) if positions > 0 else FALLBACK_MAX_LENGTH
+    log.warning("model_max_length_unset", model=name, using=fallback)
+    return fallback
+
+
+def _padded_length(length: int, max_length: int) -> int:
+    rounded = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+    return max(length, min(rounded, max_length))
+
+
+def plan_sub_batches(lengths: Sequence[int], budget: int, max_length: int) -> list[list[int]]:
+    """Group row indices, longest first, into sub-batches of similar lengths.
+
+    A sub-batch closes when one more row would take padded length x rows over ``budget``,
+    or when the next row would fill less than ``MIN_ROW_FILL`` of the sub-batch's padded
+    length (short rows padded to a long row's length are wasted compute: with heavy-tailed
+    texts, one budget-sized batch can be two thirds padding). A row longer than the budget
+    on its own still gets a sub-batch of one.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for index in order:
+        padded = _padded_length(lengths[index], max_length)
+        full = width * (len(current) + 1) > budget
+        if current and (full or padded < width * MIN_ROW_FILL):
+            batches.append(current)
+            current = []
+        if not current:
+            width = padded
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _hypotheses(request: ScoreRequest) -> list[str]:
+    """``template.format(label)`` per label, refusing what the pipeline refuses."""
+    if not request.labels:
+        raise ValueError("at least one label is needed")
+    hypotheses = [request.hypothesis_template.format(label) for label in request.labels]
+    if hypotheses[0] == request.hypothesis_template:
+        raise ValueError(
+            f"hypothesis_template {request.hypothesis_template!r} has no '{{}}' for the label"
+        )
+    return hypotheses
+
+
+def _softmax(values: Sequence[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+class NliScorer:
+    """The default scorer: zero-shot NLI classification on batches of events."""
+
+    def __init__(
+        self,
+        model: SequenceClassifier,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str | None = None,
+        revision: str = LOCAL_REVISION,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        include_nli_probs: bool = False,
+        hypothesis_cache_size: int = HYPOTHESIS_CACHE_SIZE,
+        prefetch: bool | None = None,
+    ) -> None:
+        """Wrap an already-loaded model (in eval mode, on its device and dtype).
+
+        ``prefetch`` collates the next sub-batch in a helper thread while the device runs the
+        current one; by default on CUDA only (on a CPU both compete for the same cores).
+        """
+        config = model.config
+        self._name = name or str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        self._labels = NliLabelIndices.from_config(config, self._name)
+        model.eval()
+        self._model = model
+        self._tokenizer = tokenizer
+        self._revision = revision
+        parameter = next(model.parameters())
+        self._device = parameter.device
+        self._dtype = parameter.dtype
+        self._budget = max(int(max_batch_tokens), MIN_BATCH_TOKENS)
+        self._include_nli_probs = include_nli_probs
+        self._max_length = _model_max_length(tokenizer, config, self._name)
+        self._truncate_left = tokenizer.truncation_side == "left"
+        self._with_types = TOKEN_TYPE_IDS in tokenizer.model_input_names
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad  # as the pipeline does
+        if pad is None:
+            raise ValueError(f"tokenizer of {self._name!r} has neither a pad nor an eos token")
+        self._pad_id = int(pad)
+        self._pad_type_id = int(getattr(tokenizer, "pad_token_type_id", 0))
+        self._template = derive_pair_template(tokenizer, self._max_length, self._with_types)
+        if self._template is None:
+            log.warning("pair_template_fallback", model=self._name)
+        self._num_special = tokenizer.num_special_tokens_to_add(pair=True)
+        self._hypotheses = LruCache(hypothesis_cache_size)
+        forward: Callable[..., Any] = getattr(model, "forward", model)
+        self._pass_use_cache = "use_cache" in inspect.signature(forward).parameters
+        self._pin = self._device.type == "cuda"
+        use_thread = self._pin if prefetch is None else prefetch
+        self._collator = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="nli-collate")
+            if use_thread
+            else None
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: ModelSettings, *, include_nli_probs: bool = False
+    ) -> NliScorer:
+        """Load the configured model on the configured device and dtype."""
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        model, tokenizer, revision = load_sequence_classifier(settings, device, dtype)
+        return cls(
+            model,
+            tokenizer,
+            name=settings.model,
+            revision=revision,
+            max_batch_tokens=settings.max_batch_tokens,
+            include_nli_probs=include_nli_probs,
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self._name,
+            revision=self._revision,
+            scorer="nli",
+            device=str(self._device),
+            dtype=dtype_name(self._dtype),
+        )
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """The current token budget; halved for good after a CUDA out-of-memory error."""
+        return self._budget
+
+    @property
+    def max_length(self) -> int:
+        """Longest (premise + hypothesis + special tokens) input the model takes."""
+        return self._max_length
+
+    @property
+    def pair_template(self) -> PairTemplate | None:
+        """The tokenizer's pair layout, or None when pairs are encoded by the tokenizer."""
+        return self._template
+
+    def estimate_tokens(self, request: ScoreRequest) -> int:
+        """Unpadded tokens of the request's pairs, from ~4 characters per token.
+
+        Per label: text tokens (capped at the model maximum) + hypothesis tokens + special
+        tokens, capped at the model maximum; summed over the labels. No tokenizer call, so
+        the batcher can size micro-batches in microseconds; dedup makes the truth lower.
+        """
+        text = min(-(-len(request.text) // CHARS_PER_TOKEN), self._max_length)
+        template = len(request.hypothesis_template) - 2
+        return sum(
+            min(
+                text + -(-(template + len(label)) // CHARS_PER_TOKEN) + self._num_special,
+                self._max_length,
+            )
+            for label in request.labels
+        )
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        """One outcome per request; a failing event gets a ScoreError, the rest are scored."""
+        if not requests:
+            return []
+        encoded = self._encode(requests)
+        results = self._run(encoded.pairs)
+        logits = results.logits.double()
+        multi = torch.softmax(
+            logits[:, [self._labels.contradiction, self._labels.entailment]], dim=-1
+        )[:, 1].tolist()
+        entail = logits[:, self._labels.entailment].tolist()
+        probs = torch.softmax(logits, dim=-1).tolist() if self._include_nli_probs else None
+        outcomes: list[ScoreOutcome] = []
+        for request, refs in zip(requests, encoded.refs, strict=True):
+            try:
+                outcome = self._outcome(
+                    request,
+                    refs,
+                    pairs=encoded.pairs,
+                    failures=results.failures,
+                    multi=multi,
+                    entail=entail,
+                    probs=probs,
+                )
+            except Exception as exc:
+                outcome = ScoreError.from_exception(exc)
+            outcomes.append(outcome)
+        return outcomes
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def _tokenize(self, texts: list[str], max_length: int | None) -> list[list[int] | Exception]:
+        """Token ids of each text (no special tokens); a failing text gets its exception."""
+        kwargs: dict[str, Any] = {"add_special_tokens": False}
+        if max_length is not None:
+            kwargs.update(truncation=True, max_length=max_length)
+        try:
+            batch = self._tokenizer(texts, **kwargs)["input_ids"]
+            return [list(ids) for ids in batch]
+        except Exception:
+            pass
+        results: list[list[int] | Exception] = []
+        for text in texts:
+            try:
+                results.append(list(self._tokenizer(text, **kwargs)["input_ids"]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _hypothesis_ids(self, hypotheses: set[str]) -> dict[str, tuple[int, ...] | Exception]:
+        found: dict[str, tuple[int, ...] | Exception] = {}
+        missing: list[str] = []
+        for hypothesis in hypotheses:
+            cached = self._hypotheses.get(hypothesis)
+            if cached is None:
+                missing.append(hypothesis)
+            else:
+                found[hypothesis] = cached
+        for hypothesis, ids in zip(missing, self._tokenize(missing, None), strict=True):
+            if isinstance(ids, Exception):
+                found[hypothesis] = ids
+            else:
+                found[hypothesis] = token_ids = tuple(ids)
+                self._hypotheses.put(hypothesis, token_ids)
+        return found
+
+    def _encode(self, requests: Sequence[ScoreRequest]) -> _Encoded:
+        hypotheses: list[list[str] | Exception] = []
+        for request in requests:
+            try:
+                hypotheses.append(_hypotheses(request))
+            except Exception as exc:
+                hypotheses.append(exc)
+        texts = list(dict.fromkeys(request.text for request in requests))
+        # Cutting at the model maximum loses nothing: a pair keeps fewer premise tokens.
+        premises = dict(zip(texts, self._tokenize(texts, self._max_length), strict=True))
+        wanted = {h for hs in hypotheses if not isinstance(hs, Exception) for h in hs}
+        hypothesis_ids = self._hypothesis_ids(wanted)
+        keys: dict[tuple[str, str], int] = {}
+        ordered: list[tuple[str, str]] = []
+        for request, hyps in zip(requests, hypotheses, strict=True):
+            for hypothesis in hyps if not isinstance(hyps, Exception) else ():
+                if (request.text, hypothesis) not in keys:
+                    keys[(request.text, hypothesis)] = len(ordered)
+                    ordered.append((request.text, hypothesis))
+        built = self._build_pairs(ordered, premises, hypothesis_ids)
+        pairs: list[EncodedPair] = []
+        slot: dict[int, int | Exception] = {}
+        for index, item in enumerate(built):
+            if isinstance(item, Exception):
+                slot[index] = item
+            else:
+                slot[index] = len(pairs)
+                pairs.append(item)
+        refs: list[list[int] | BaseException] = []
+        for request, hyps in zip(requests, hypotheses, strict=True):
+            if isinstance(hyps, Exception):
+                refs.append(hyps)
+                continue
+            positions = [slot[keys[(request.text, h)]] for h in hyps]
+            errors = [p for p in positions if isinstance(p, Exception)]
+            refs.append(errors[0] if errors else [p for p in positions if isinstance(p, int)])
+        return _Encoded(pairs=pairs, refs=refs)
+
+    def _build_pairs(
+        self,
+        keys: list[tuple[str, str]],
+        premises: dict[str, list[int] | Exception],
+        hypotheses: dict[str, tuple[int, ...] | Exception],
+    ) -> list[EncodedPair | Exception]:
+        built: list[EncodedPair | Exception] = []
+        for text, hypothesis in keys:
+            premise, hyp = premises[text], hypotheses[hypothesis]
+            if isinstance(premise, Exception):
+                built.append(premise)
+            elif isinstance(hyp, Exception):
+                built.append(hyp)
+            elif self._template is None:
+                built.append(self._tokenizer_pair(text, hypothesis, len(premise), len(hyp)))
+            else:
+                try:
+                    built.append(self._template_pair(premise, hyp))
+                except Exception as exc:
+                    built.append(exc)
+        return built
+
+    def _template_pair(self, premise: list[int], hypothesis: tuple[int, ...]) -> EncodedPair:
+        assert self._template is not None
+        kept, truncated = fit_premise(
+            premise, len(hypothesis), self._num_special, self._max_length, self._truncate_left
+        )
+        ids, types = self._template.build(kept, hypothesis, self._with_types)
+        return EncodedPair(ids, types, truncated)
+
+    def _tokenizer_pair(
+        self, text: str, hypothesis: str, premise_length: int, hypothesis_length: int
+    ) -> EncodedPair | Exception:
+        """Fallback for tokenizers whose pair layout could not be reproduced."""
+        try:
+            encoding = self._tokenizer(
+                text,
+                hypothesis,
+                truncation="only_first",
+                max_length=self._max_length,
+                return_token_type_ids=self._with_types,
+            )
+        except Exception as exc:
+            return exc
+        truncated = premise_length + hypothesis_length + self._num_special > self._max_length
+        types = list(encoding[TOKEN_TYPE_IDS]) if self._with_types else None
+        return EncodedPair(list(encoding["input_ids"]), types, truncated)
+
+    # -- forward passes -------------------------------------------------------------------
+
+    def _run(self, pairs: list[EncodedPair]) -> _Results:
+        """Forward every pair; one synchronisation at the end reads all logits back.
+
+        The next sub-batch is collated (in a helper thread on a GPU) while the device runs
+        the current one. After a CUDA OOM the sub-batches not yet run are re-planned under
+        the halved budget.
+        """
+        pending: list[tuple[list[int], torch.Tensor]] = []
+        failures: dict[int, BaseException] = {}
+        queue = deque(self._plan(list(range(len(pairs))), pairs))
+        planned_with = self._budget
+        ahead = self._prefetch(queue[0], pairs) if queue else None
+        while queue and ahead is not None:
+            rows, batch = queue.popleft(), ahead.result()
+            ahead = self._prefetch(queue[0], pairs) if queue else None
+            self._forward_rows(rows, pairs, pending, failures, batch)
+            if queue and self._budget < planned_with:
+                queue = deque(self._plan([row for rest in queue for row in rest], pairs))
+                planned_with = self._budget
+                ahead = self._prefetch(queue[0], pairs)
+        logits = torch.zeros((len(pairs), self._labels.num_labels), dtype=torch.float32)
+        if pending:
+            index = torch.tensor([row for rows, _ in pending for row in rows])
+            logits[index] = torch.cat([values for _, values in pending]).float().cpu()
+        return _Results(logits=logits, failures=failures)
+
+    def _plan(self, rows: list[int], pairs: list[EncodedPair]) -> list[list[int]]:
+        lengths = [len(pairs[row].input_ids) for row in rows]
+        return [
+            [rows[i] for i in batch]
+            for batch in plan_sub_batches(lengths, self._budget, self._max_length)
+        ]
+
+    def _prefetch(self, rows: list[int], pairs: list[EncodedPair]) -> Future[_Batch]:
+        if self._collator is not None:
+            return self._collator.submit(self._collate, rows, pairs)
+        done: Future[_Batch] = Future()
+        done.set_result(self._collate(rows, pairs))
+        return done
+
+    def _forward_rows(
+        self,
+        rows: list[int],
+        pairs: list[EncodedPair],
+        pending: list[tuple[list[int], torch.Tensor]],
+        failures: dict[int, BaseException],
+        batch: _Batch | None = None,
+    ) -> None:
+        """Forward ``rows``; on failure retry smaller pieces, down to single pairs.
+
+        A pair that still fails alone is recorded in ``failures`` (its event gets a
+        ScoreError). A CUDA OOM first halves the token budget for the rest of the run.
+        """
+        try:
+            pending.append((rows, self._forward(batch or self._collate(rows, pairs))))
+            return
+        except torch.cuda.OutOfMemoryError as exc:
+            self._halve_budget(rows, pairs)
+            if len(rows) == 1:
+                failures[rows[0]] = exc
+                return
+            pieces = self._replan(rows, pairs)
+        except Exception as exc:
+            if len(rows) == 1:
+                failures[rows[0]] = exc
+                return
+            pieces = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+        for piece in pieces:
+            self._forward_rows(piece, pairs, pending, failures)
+
+    def _halve_budget(self, rows: list[int], pairs: list[EncodedPair]) -> None:
+        previous = self._budget
+        self._budget = max(previous // 2, MIN_BATCH_TOKENS)
+        log.warning(
+            "cuda_oom_budget_halved",
+            model=self._name,
+            rows=len(rows),
+            padded_length=_padded_length(len(pairs[rows[0]].input_ids), self._max_length),
+            max_batch_tokens=previous,
+            new_max_batch_tokens=self._budget,
+        )
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _replan(self, rows: list[int], pairs: list[EncodedPair]) -> list[list[int]]:
+        """Cut ``rows`` under the current budget, or in halves if that changes nothing."""
+        plan = self._plan(rows, pairs)
+        if len(plan) == 1:
+            return [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+        return plan
+
+    def _collate(self, rows: list[int], pairs: list[EncodedPair]) -> _Batch:
+        """Right-padded CPU tensors (pinned on CUDA so the copy can overlap compute)."""
+        longest = max(len(pairs[row].input_ids) for row in rows)
+        width = _padded_length(longest, self._max_length)
+        ids = [
+            pairs[row].input_ids + [self._pad_id] * (width - len(pairs[row].input_ids))
+            for row in rows
+        ]
+        mask = [
+            [1] * len(pairs[row].input_ids) + [0] * (width - len(pairs[row].input_ids))
+            for row in rows
+        ]
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if self._with_types:
+            types = [
+                (pairs[row].token_type_ids or [])
+                + [self._pad_type_id] * (width - len(pairs[row].input_ids))
+                for row in rows
+            ]
+            batch[TOKEN_TYPE_IDS] = torch.tensor(types)
+        if self._pin:
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        return batch
+
+    @torch.inference_mode()
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        inputs: dict[str, Any] = {
+            key: value.to(self._device, non_blocking=self._pin) for key, value in batch.items()
+        }
+        if self._pass_use_cache:
+            inputs["use_cache"] = False
+        logits: torch.Tensor = self._model(**inputs).logits
+        return logits
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _outcome(
+        self,
+        request: ScoreRequest,
+        refs: list[int] | BaseException,
+        *,
+        pairs: list[EncodedPair],
+        failures: dict[int, BaseException],
+        multi: list[float],
+        entail: list[float],
+        probs: list[list[float]] | None,
+    ) -> ScoreOutcome:
+        if isinstance(refs, BaseException):
+            return ScoreError.from_exception(refs)
+        failed = next((failures[i] for i in refs if i in failures), None)
+        if failed is not None:
+            return ScoreError.from_exception(failed)
+        if request.multi_label or len(refs) == 1:
+            scores = [multi[i] for i in refs]
+        else:
+            scores = _softmax([entail[i] for i in refs])
+        if not all(math.isfinite(score) for score in scores):
+            # fp16 overflow or a broken model: a NaN must not reach the output topic.
+            return ScoreError(
+                error_class="NonFiniteScore",
+                message=f"model {self._name!r} produced non-finite scores {scores}",
+            )
+        order = sorted(range(len(refs)), key=lambda k: -scores[k])
+        return LabelScores(
+            labels=tuple(request.labels[k] for k in order),
+            scores=tuple(scores[k] for k in order),
+            truncated=any(pairs[i].truncated for i in refs),
+            nli=None if probs is None else self._nli(request, refs, order, probs),
+        )
+
+    def _nli(
+        self,
+        request: ScoreRequest,
+        refs: list[int],
+        order: list[int],
+        probs: list[list[float]],
+    ) -> dict[str, NliProbabilities]:
+        labels = self._labels
+        return {
+            request.labels[k]: NliProbabilities(
+                entailment=probs[refs[k]][labels.entailment],
+                contradiction=probs[refs[k]][labels.named_contradiction],
+                neutral=None if labels.neutral is None else probs[refs[k]][labels.neutral],
+            )
+            for k in order
+        }
