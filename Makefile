@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 KAFKACTL := $(PYTHON) dev/kafka/kafkactl.py
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
+PHONY_EXTRA := tools deploy-check
+.PHONY: $(PHONY_EXTRA) setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
 
 ## setup: create .venv and install tagstream with its test and dev extras (no-op when unchanged)
 setup: $(STAMP)
@@ -18,8 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	@touch $(STAMP)
 
+## tools: helm (built once from the Go module proxy) for the chart tests
+tools: setup
+	bash ci/validate-deploy.sh --tools-only
+
+## deploy-check: lint, render and validate the Helm chart and docker-compose.yml offline
+deploy-check: setup
+	bash ci/validate-deploy.sh
+
 ## test: the whole suite, unit and integration (starts its own Kafka broker)
-test: setup
+test: setup tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 unit: setup

@@ -8,6 +8,7 @@
 #      TriggerAuthentication and ServiceMonitor),
 #   4. docker-compose.yml with `docker compose config -q` where the compose plugin exists, else
 #      Debian's docker-compose, for the default, gpu and monitoring profiles.
+# `--tools-only` stops after step 1 (what `make test` needs for tests/unit/test_deploy.py).
 # Environment: PYTHON (default .venv/bin/python), TAGSTREAM_CACHE (default ~/.cache/tagstream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,6 +103,10 @@ validate_compose() {
 
 ensure_helm
 ensure_validator
+if [[ ${1:-} == "--tools-only" ]]; then
+  log "tools ready (helm ${HELM_VERSION}, kubernetes-validate)"
+  exit 0
+fi
 lint_chart
 render_and_check
 validate_compose

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from worker.events import ScoredEvent
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKACTL = REPO / "dev" / "kafka" / "kafkactl.py"
@@ -39,7 +41,9 @@ def bootstrap() -> str:
 
 
 def create_topics(admin: AdminClient, names: list[str]) -> None:
-    topics = [NewTopic(name, num_partitions=INPUT_PARTITIONS, replication_factor=1) for name in names]
+    topics = [
+        NewTopic(name, num_partitions=INPUT_PARTITIONS, replication_factor=1) for name in names
+    ]
     for future in admin.create_topics(topics, operation_timeout=30).values():
         future.result(timeout=30)
 
@@ -63,62 +67,88 @@ def worker_env(suffix: str) -> dict[str, str]:
     return env
 
 
-def read_scored(topic: str, expected: int) -> list[dict[str, object]]:
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap(),
-        "group.id": f"demo-reader-{uuid.uuid4().hex[:8]}",
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-    })
+def read_scored(topic: str, expected: int) -> list[ScoredEvent]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap(),
+            "group.id": f"demo-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
-    events: list[dict[str, object]] = []
+    events: list[ScoredEvent] = []
     deadline = time.monotonic() + RESULT_DEADLINE_S
     try:
         while len(events) < expected and time.monotonic() < deadline:
             for message in consumer.consume(num_messages=100, timeout=1.0):
-                if message.error() is None:
-                    events.append(orjson.loads(message.value()))
+                value = message.value()
+                if message.error() is None and value is not None:
+                    events.append(ScoredEvent.model_validate_json(value))
     finally:
         consumer.close()
     return events
 
 
-def print_table(events: list[dict[str, object]], texts: dict[str, str]) -> None:
+def print_table(events: list[ScoredEvent], texts: dict[str, str]) -> None:
     header = f"{'text':<{TEXT_WIDTH}}  {'tags':<24}  top scores"
     print(header)
     print("-" * len(header))
-    for event in sorted(events, key=lambda e: str(e["id"])):
-        text = textwrap.shorten(texts.get(str(event["id"]), ""), TEXT_WIDTH, placeholder="…")
-        labels, scores = event["labels"], event["scores"]
-        assert isinstance(labels, list) and isinstance(scores, list)
-        top = ", ".join(f"{label} {score:.2f}" for label, score in zip(labels[:3], scores[:3]))
-        tags = ", ".join(str(tag) for tag in event["tags"]) or "-"  # type: ignore[union-attr]
+    order = {event_id: index for index, event_id in enumerate(texts)}
+    for event in sorted(events, key=lambda e: order.get(e.id, len(order))):
+        text = textwrap.shorten(texts.get(event.id, ""), TEXT_WIDTH, placeholder="…")
+        pairs = zip(event.labels[:3], event.scores[:3], strict=True)
+        top = ", ".join(f"{label} {score:.2f}" for label, score in pairs)
+        tags = ", ".join(event.tags) or "-"
         print(f"{text:<{TEXT_WIDTH}}  {tags:<24}  {top}")
 
 
 def sample_texts() -> dict[str, str]:
     from worker.commands.produce import sample_events
 
-    return {str(event["id"]): str(event["text"]) for event in sample_events(SAMPLE_COUNT)}
+    texts: dict[str, str] = {}
+    for outgoing in sample_events(SAMPLE_COUNT):
+        event = orjson.loads(outgoing.value)
+        texts[str(event["id"])] = str(event["text"])
+    return texts
 
 
 def main() -> int:
-    started_broker = subprocess.run(
-        [sys.executable, str(KAFKACTL), "status"], capture_output=True, check=False
-    ).returncode != 0
+    started_broker = (
+        subprocess.run(
+            [sys.executable, str(KAFKACTL), "status"], capture_output=True, check=False
+        ).returncode
+        != 0
+    )
     subprocess.run([sys.executable, str(KAFKACTL), "up"], check=True)
     suffix = uuid.uuid4().hex[:6]
     env = worker_env(suffix)
     admin = AdminClient({"bootstrap.servers": bootstrap()})
-    create_topics(admin, [env["TAGSTREAM_INPUT_TOPICS"], env["TAGSTREAM_OUTPUT_TOPIC"],
-                          env["TAGSTREAM_DLQ_TOPIC"]])
-    print(f"demo: topics {env['TAGSTREAM_INPUT_TOPICS']} -> {env['TAGSTREAM_OUTPUT_TOPIC']}; "
-          f"scorer {env['TAGSTREAM_SCORER']}; starting the worker")
+    create_topics(
+        admin,
+        [env["TAGSTREAM_INPUT_TOPICS"], env["TAGSTREAM_OUTPUT_TOPIC"], env["TAGSTREAM_DLQ_TOPIC"]],
+    )
+    print(
+        f"demo: topics {env['TAGSTREAM_INPUT_TOPICS']} -> {env['TAGSTREAM_OUTPUT_TOPIC']}; "
+        f"scorer {env['TAGSTREAM_SCORER']}; starting the worker"
+    )
     worker = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, cwd=REPO)
     try:
-        subprocess.run([sys.executable, "-m", "worker", "produce", "--topic",
-                        env["TAGSTREAM_INPUT_TOPICS"], "--count", str(SAMPLE_COUNT)],
-                       env=env, cwd=REPO, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "produce",
+                "--topic",
+                env["TAGSTREAM_INPUT_TOPICS"],
+                "--count",
+                str(SAMPLE_COUNT),
+            ],
+            env=env,
+            cwd=REPO,
+            check=True,
+        )
         events = read_scored(env["TAGSTREAM_OUTPUT_TOPIC"], SAMPLE_COUNT)
         print()
         print_table(events, sample_texts())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import os
 import re
@@ -107,8 +108,11 @@ def default_data_dir(port: int) -> Path:
     return cache_root() / "run" / f"kafka-{port}"
 
 
-def render_properties(config: BrokerConfig, template: Path = HERE / "server.properties.template",
-                      offsets_partitions: int = 1) -> str:
+def render_properties(
+    config: BrokerConfig,
+    template: Path = HERE / "server.properties.template",
+    offsets_partitions: int = 1,
+) -> str:
     """Fill the server.properties template for ``config`` (pure: unit-tested)."""
     return Template(template.read_text()).substitute(
         port=config.port,
@@ -128,7 +132,9 @@ def new_cluster_id() -> str:
 
 def _metadata_request(correlation_id: int) -> bytes:
     client_id = b"kafkactl"
-    header = struct.pack(">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(client_id))
+    header = struct.pack(
+        ">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(client_id)
+    )
     body = struct.pack(">i?", -1, False)  # topics = null (all), allow_auto_topic_creation
     payload = header + client_id + body
     return struct.pack(">i", len(payload)) + payload
@@ -161,7 +167,9 @@ def parse_metadata_brokers(response: bytes) -> list[tuple[int, str, int]]:
     return brokers
 
 
-def probe_metadata(bootstrap: str, timeout: float = PROBE_SOCKET_TIMEOUT_S) -> list[tuple[int, str, int]]:
+def probe_metadata(
+    bootstrap: str, timeout: float = PROBE_SOCKET_TIMEOUT_S
+) -> list[tuple[int, str, int]]:
     """Send a real Metadata request; return the brokers it lists (raises when unreachable)."""
     host, _, port = bootstrap.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
@@ -208,8 +216,15 @@ def jar_dir() -> Path:
     require_tools("mvn")
     print(f"kafkactl: resolving Kafka {kafka_version()} jars from Maven Central into {target}")
     target.mkdir(parents=True, exist_ok=True)
-    command = ["mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-               f"-DoutputDirectory={target}"]
+    command = [
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={target}",
+    ]
     result = subprocess.run(command, check=False)
     if result.returncode != 0:
         raise KafkaCtlError("mvn could not resolve the Kafka jars (see its output above)")
@@ -238,8 +253,17 @@ def format_storage(config: BrokerConfig, jars: Path) -> None:
     """Format the log dir with a fresh cluster id, unless it is formatted already (restart)."""
     if (config.log_dirs / "meta.properties").exists():
         return
-    command = java_command(config, jars, "kafka.tools.StorageTool", "format", "--standalone",
-                           "-t", new_cluster_id(), "-c", str(config.properties_file))
+    command = java_command(
+        config,
+        jars,
+        "kafka.tools.StorageTool",
+        "format",
+        "--standalone",
+        "-t",
+        new_cluster_id(),
+        "-c",
+        str(config.properties_file),
+    )
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise KafkaCtlError(f"storage format failed:\n{result.stdout}{result.stderr}")
@@ -276,8 +300,9 @@ def wait_until_ready(config: BrokerConfig, pid: int, started: float) -> None:
                 f"{config.server_log}:\n{tail(config.stdout_log)}\n{tail(config.server_log)}"
             )
         time.sleep(PROBE_INTERVAL_S)
-    raise KafkaCtlError(f"broker did not answer within {START_TIMEOUT_S:.0f}s:\n"
-                        f"{tail(config.server_log)}")
+    raise KafkaCtlError(
+        f"broker did not answer within {START_TIMEOUT_S:.0f}s:\n{tail(config.server_log)}"
+    )
 
 
 def up(config: BrokerConfig) -> None:
@@ -297,13 +322,20 @@ def up(config: BrokerConfig) -> None:
     format_storage(config, jars)
     command = java_command(config, jars, "kafka.Kafka", str(config.properties_file))
     with config.stdout_log.open("ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     config.pid_file.write_text(f"{process.pid}\n")
     wait_until_ready(config, process.pid, started)
     elapsed = time.monotonic() - started
-    print(f"kafkactl: Kafka {kafka_version()} up on {config.bootstrap} "
-          f"(pid {process.pid}, data {config.data_dir}) in {elapsed:.1f}s")
+    print(
+        f"kafkactl: Kafka {kafka_version()} up on {config.bootstrap} "
+        f"(pid {process.pid}, data {config.data_dir}) in {elapsed:.1f}s"
+    )
 
 
 def down(config: BrokerConfig) -> None:
@@ -327,18 +359,18 @@ def down(config: BrokerConfig) -> None:
 
 def _reap(pid: int) -> None:
     """Collect the exit status when the broker is our own child (tests start it that way)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def status(config: BrokerConfig) -> int:
     pid = read_pid(config)
     answering = broker_answers(config.bootstrap)
     state = "running" if pid is not None else "stopped"
-    print(f"kafkactl: {state} pid={pid} bootstrap={config.bootstrap} "
-          f"answering={'yes' if answering else 'no'} data={config.data_dir}")
+    print(
+        f"kafkactl: {state} pid={pid} bootstrap={config.bootstrap} "
+        f"answering={'yes' if answering else 'no'} data={config.data_dir}"
+    )
     return 0 if pid is not None and answering else 1
 
 
@@ -346,23 +378,31 @@ def config_from(args: argparse.Namespace) -> BrokerConfig:
     env = os.environ
     port = args.port or int(env.get("TAGSTREAM_KAFKA_PORT", DEFAULT_PORT))
     controller_port = args.controller_port or int(
-        env.get("TAGSTREAM_KAFKA_CONTROLLER_PORT", DEFAULT_CONTROLLER_PORT))
+        env.get("TAGSTREAM_KAFKA_CONTROLLER_PORT", DEFAULT_CONTROLLER_PORT)
+    )
     data_dir = args.data_dir or env.get("TAGSTREAM_KAFKA_DATA_DIR") or default_data_dir(port)
     heap = env.get("TAGSTREAM_KAFKA_HEAP", DEFAULT_HEAP)
     if port == controller_port:
         raise KafkaCtlError("--port and --controller-port must differ")
-    return BrokerConfig(port=port, controller_port=controller_port,
-                        data_dir=Path(data_dir).resolve(), heap=heap)
+    return BrokerConfig(
+        port=port, controller_port=controller_port, data_dir=Path(data_dir).resolve(), heap=heap
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["up", "down", "restart", "status", "logs"])
     parser.add_argument("--port", type=int, help=f"broker port (default {DEFAULT_PORT})")
-    parser.add_argument("--controller-port", type=int,
-                        help=f"KRaft controller port (default {DEFAULT_CONTROLLER_PORT})")
-    parser.add_argument("--data-dir", help="data directory (default ~/.cache/tagstream/run/kafka-PORT)")
+    parser.add_argument(
+        "--controller-port",
+        type=int,
+        help=f"KRaft controller port (default {DEFAULT_CONTROLLER_PORT})",
+    )
+    parser.add_argument(
+        "--data-dir", help="data directory (default ~/.cache/tagstream/run/kafka-PORT)"
+    )
     parser.add_argument("--lines", type=int, default=100, help="lines shown by 'logs'")
     args = parser.parse_args(argv)
     try:

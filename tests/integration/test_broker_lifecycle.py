@@ -17,7 +17,8 @@ RECOVERY_DEADLINE_S = 90.0
 def _broker_pids(kafka: KafkaCluster) -> set[int]:
     import subprocess
 
-    listing = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True)
+    command = ["ps", "-eww", "-o", "pid,args"]
+    listing = subprocess.run(command, capture_output=True, text=True, check=True)
     marker = f"{kafka.data_dir}/server.properties"
     return {
         int(line.split(None, 1)[0])

@@ -36,7 +36,8 @@ def test_thousand_records_round_trip_with_committed_offsets(
     topic = new_topic(partitions=3)
     producer = make_producer(**{"enable.idempotence": True, "acks": "all"})
     for index in range(1000):
-        producer.produce(topic, key=str(index).encode(), value=f"v{index}".encode(), partition=index % 3)
+        key, value = str(index).encode(), f"v{index}".encode()
+        producer.produce(topic, key=key, value=value, partition=index % 3)
     assert producer.flush(30) == 0
 
     group = unique_name("g")
@@ -85,4 +86,5 @@ def test_transactions_read_committed_sees_only_committed(
 
     raw = make_consumer(**{"isolation.level": "read_uncommitted"})
     raw.subscribe([topic])
-    assert sorted(_consume_all(raw, 4)) == [b"aborted", b"committed-1", b"committed-2", b"committed-3"]
+    expected = [b"aborted", b"committed-1", b"committed-2", b"committed-3"]
+    assert sorted(_consume_all(raw, 4)) == expected

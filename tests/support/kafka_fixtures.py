@@ -7,6 +7,7 @@ and stops it at the end. Each test gets fresh topics and consumer groups (unique
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKACTL = REPO / "dev" / "kafka" / "kafkactl.py"
@@ -167,10 +168,8 @@ def make_consumer(kafka: KafkaCluster) -> Iterator[Callable[..., Consumer]]:
 
     yield factory
     for consumer in consumers:
-        try:
+        with contextlib.suppress(RuntimeError):  # already closed by the test
             consumer.close()
-        except RuntimeError:
-            pass  # already closed by the test
 
 
 def _dotted(conf: dict[str, Any]) -> dict[str, Any]:
