@@ -1,0 +1,107 @@
+"""A scorer that does no model work: the pipeline's ceiling, and a template for your own.
+
+``TAGSTREAM_SCORER=worker.scoring.noop:NoopScorer`` runs the whole worker (consume, decode,
+validate, micro-batch, encode, produce, commit) with scores that cost next to nothing:
+each (text, label) score is a CRC-32 of the two, so the same event always gets the same
+scores, in any process. What the worker reaches with it is the most it can do on that
+machine and broker with any model; ``bench/pipeline.py`` measures it against a plain
+consume-produce loop.
+
+Plugging in a custom model works the same way. ``TAGSTREAM_SCORER=package.module:attr``
+names a class or function that the worker calls once, at start-up, with the
+:class:`~worker.settings.ModelSettings` (``model``, ``device``, ``dtype``,
+``max_batch_tokens``, ...) and that returns an object with the four members of
+:class:`~worker.scoring.base.Scorer`, which this class implements in the simplest way:
+
+* ``info``: the model's name and revision, written into every scored event;
+* ``max_batch_tokens``: the budget at which the batcher closes a micro-batch;
+* ``estimate_tokens(request)``: what one event adds to that budget; it runs on the
+  consuming thread for every event, so it must be cheap (no tokenizer call);
+* ``score(requests)``: one outcome per request, in order, labels sorted by score
+  (highest first); an event that cannot be scored gets a
+  :class:`~worker.scoring.base.ScoreError` instead of raising, so that only it is
+  dead-lettered.
+
+``score`` runs on the inference thread, one micro-batch at a time; load the model in the
+constructor, where start-up time belongs.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Final
+
+from worker.scoring.base import LabelScores, ModelInfo, ScoreOutcome, ScoreRequest
+from worker.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+
+NAME: Final = "noop"
+REVISION: Final = "v1"
+# The same rough ratio the NLI scorer's estimate uses: English averages ~4 characters a
+# subword token, so micro-batches close where they would with a real model.
+CHARS_PER_TOKEN: Final = 4
+# A pair's special tokens (<s> premise </s></s> hypothesis </s> for BART-style models).
+SPECIAL_TOKENS_PER_PAIR: Final = 4
+# The template's "{}" is replaced by the label, so it does not count itself.
+PLACEHOLDER_CHARS: Final = 2
+# Scores are the low 16 bits of a CRC-32 over this: 65,536 distinct values in 0..1.
+SCORE_BITS: Final = 0xFFFF
+
+
+def _tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+class NoopScorer:
+    """Deterministic scores from a cheap hash of (text, label); no model, no tokenizer.
+
+    Multi-label (and a single label, as in the transformers pipeline): each label's score on
+    its own, in 0..1. Single-label: the same values normalised to sum to 1 across the
+    event's labels, as a softmax would.
+    """
+
+    def __init__(self, settings: ModelSettings | None = None) -> None:
+        budget = DEFAULT_MAX_BATCH_TOKENS if settings is None else settings.max_batch_tokens
+        self._budget = budget
+        self._info = ModelInfo(
+            name=NAME, revision=REVISION, scorer=NAME, device="cpu", dtype="none"
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self._budget
+
+    def estimate_tokens(self, request: ScoreRequest) -> int:
+        """Per label: the text's tokens + the hypothesis' tokens + the pair's special ones."""
+        text = _tokens(len(request.text)) + SPECIAL_TOKENS_PER_PAIR
+        template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
+        return sum(text + _tokens(template + len(label)) for label in request.labels)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        return [self._score_one(request) for request in requests]
+
+    @staticmethod
+    def _score_one(request: ScoreRequest) -> LabelScores:
+        seed = zlib.crc32(request.text.encode("utf-8", errors="surrogatepass"))
+        raw = [
+            (zlib.crc32(label.encode("utf-8", errors="surrogatepass"), seed) & SCORE_BITS)
+            / SCORE_BITS
+            for label in request.labels
+        ]
+        if not request.multi_label and len(raw) > 1:
+            total = sum(raw)
+            raw = [value / total for value in raw] if total else [1 / len(raw)] * len(raw)
+        ranked = sorted(zip(request.labels, raw, strict=True), key=_by_score, reverse=True)
+        return LabelScores(
+            labels=tuple(label for label, _ in ranked),
+            scores=tuple(score for _, score in ranked),
+            truncated=False,
+        )
+
+
+def _by_score(pair: tuple[str, float]) -> float:
+    return pair[1]
