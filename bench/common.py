@@ -32,13 +32,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 REPO: Final = Path(__file__).resolve().parents[1]
 KAFKACTL: Final = REPO / "dev" / "kafka" / "kafkactl.py"
 RESULTS: Final = REPO / "bench" / "results"
 # A cold broker start on a loaded 2-core machine takes 10-30 s; kafkactl waits up to 90.
 KAFKACTL_TIMEOUT_S: Final = 180.0
+# kafkactl up is retried this often in a fresh folder before the benchmark gives up.
+BROKER_START_ATTEMPTS: Final = 3
 # Topic creation is one controller round trip; generous for a loaded machine.
 ADMIN_TIMEOUT_S: Final = 30.0
 # The input producer: large batches and a little lingering fill the topics fast.
@@ -182,25 +185,37 @@ def broker(bootstrap: str | None) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    port, controller = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="tagstream-bench-kafka-") as data_dir:
-        flags = ["--port", str(port), "--controller-port", str(controller)]
-        flags += ["--data-dir", data_dir]
-
-        def kafkactl(action: str) -> subprocess.CompletedProcess[str]:
-            command = [sys.executable, str(KAFKACTL), action, *flags]
-            return subprocess.run(
-                command, capture_output=True, text=True, check=False, timeout=KAFKACTL_TIMEOUT_S
-            )
-
-        print(f"starting a local Kafka broker on 127.0.0.1:{port} ...", flush=True)
-        started = kafkactl("up")
-        if started.returncode != 0:
-            raise SystemExit(f"the local broker did not start:\n{started.stdout}{started.stderr}")
+    with tempfile.TemporaryDirectory(prefix="tagstream-bench-kafka-") as scratch:
+        flags = _start_broker(Path(scratch))
         try:
-            yield f"127.0.0.1:{port}"
+            yield f"127.0.0.1:{flags[1]}"
         finally:
-            kafkactl("down")
+            _kafkactl("down", flags)
+
+
+def _kafkactl(action: str, flags: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(KAFKACTL), action, *flags]
+    return subprocess.run(
+        command, capture_output=True, text=True, check=False, timeout=KAFKACTL_TIMEOUT_S
+    )
+
+
+def _start_broker(scratch: Path) -> list[str]:
+    """kafkactl up on free ports; retried in a fresh folder (a random cluster id that
+    starts with '-' makes kafka-storage's argument parser fail, about 1 start in 64)."""
+    failures = []
+    for attempt in range(BROKER_START_ATTEMPTS):
+        port, controller = free_port(), free_port()
+        data_dir = scratch / f"kafka-{attempt}"
+        flags = ["--port", str(port), "--controller-port", str(controller)]
+        flags += ["--data-dir", str(data_dir)]
+        print(f"starting a local Kafka broker on 127.0.0.1:{port} ...", flush=True)
+        started = _kafkactl("up", flags)
+        if started.returncode == 0:
+            return flags
+        failures.append(started.stdout + started.stderr)
+        _kafkactl("down", flags)
+    raise SystemExit("the local broker did not start:\n" + "\n".join(failures))
 
 
 def create_topics(bootstrap: str, topics: dict[str, tuple[int, dict[str, str]]]) -> None:
@@ -305,20 +320,21 @@ def read_topic(
     try:
         while remaining > 0:
             for message in consumer.consume(READ_BATCH, 1.0):
-                if message.error() is not None:
-                    if message.error().code() == KafkaError._PARTITION_EOF:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise SystemExit(f"reading {topic}: {message.error()}")
+                    raise SystemExit(f"reading {topic}: {error}")
                 remaining -= 1
                 result.timestamps.append(message.timestamp()[1])
                 if keep_values:
-                    result.values.append(message.value())
+                    result.values.append(message.value() or b"")
                 headers = message.headers()
                 if headers:
                     found = dict(headers)
                     partition = found.get("tagstream.source.partition")
                     offset = found.get("tagstream.source.offset")
-                    if partition is not None and offset is not None:
+                    if isinstance(partition, bytes) and isinstance(offset, bytes):
                         result.coordinates.add((partition, offset))
     finally:
         consumer.close()
@@ -371,15 +387,14 @@ class Topics:
 
     @classmethod
     def create(cls, bootstrap: str, prefix: str, partitions: int) -> Topics:
+        """Fresh input and output topics (LogAppendTime), a dead-letter topic, a group."""
+        output = unique(f"{prefix}-out")
         topics = cls(
             input=unique(f"{prefix}-in"),
-            output=unique(f"{prefix}-out"),
-            dead_letter="",
+            output=output,
+            dead_letter=f"{output}.dlq",
             group=unique(f"{prefix}-group"),
             partitions=partitions,
-        )
-        topics = Topics(
-            topics.input, topics.output, f"{topics.output}.dlq", topics.group, partitions
         )
         create_topics(
             bootstrap,
@@ -392,8 +407,14 @@ class Topics:
         return topics
 
 
-def worker_env(bootstrap: str, topics: Topics, settings: dict[str, str]) -> dict[str, str]:
-    """The environment of a ``tagstream run`` subprocess: ours, minus stray TAGSTREAM_*."""
+def worker_env(
+    bootstrap: str, topics: Topics, settings: dict[str, str], root: Path = REPO
+) -> dict[str, str]:
+    """The environment of a ``tagstream run`` subprocess: ours, minus stray TAGSTREAM_*.
+
+    ``root``: the folder whose ``worker`` package runs (another checkout, to compare two
+    versions of the worker on the same machine and broker).
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TAGSTREAM_")}
     env.update(
         {
@@ -404,20 +425,18 @@ def worker_env(bootstrap: str, topics: Topics, settings: dict[str, str]) -> dict
             "TAGSTREAM_GROUP_ID": topics.group,
             "TAGSTREAM_LABELS": ",".join(LABELS),
             "TAGSTREAM_LOG_FORMAT": "json",
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(root), str(REPO)])),
             **settings,
         }
     )
     return env
 
 
-def start_worker(
-    env: dict[str, str], log_path: Path, wrapper: Sequence[str] = ()
-) -> subprocess.Popen[bytes]:
-    """``python -m worker run`` (optionally under ``wrapper``, e.g. a profiler)."""
+def start_worker(env: dict[str, str], log_path: Path, root: Path = REPO) -> subprocess.Popen[bytes]:
+    """``python -m worker run`` in ``root`` (``-m`` puts it first on the path)."""
     log = log_path.open("wb")
-    command = [*wrapper, sys.executable, "-m", "worker", "run"]
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "worker", "run"]
+    return subprocess.Popen(command, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
 
 
 def stop_worker(process: subprocess.Popen[bytes], log_path: Path) -> int:

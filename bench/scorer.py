@@ -15,7 +15,10 @@ repeat. Throughput is counted in requested (text, label) pairs per second, so wo
 avoids (repeated texts) counts as speed, as it does in production.
 
 Run from the repository root: ``python bench/scorer.py [--events N] [--models tiny,bart-large]
-[--dtypes float32,bfloat16] [--budget-sweep 4096,8192,...] [--out results.json]``.
+[--dtypes float32,bfloat16] [--budget-sweep 4096,8192,...] [--out results.json]
+[--plot scorer.png]``. The plot (matplotlib, ``pip install -e '.[bench]'``) shows tagstream's
+pairs/s against the token budget, with the pipeline's best and documented calls as lines,
+one panel per model and dtype; it is written next to ``--out`` unless ``--plot`` says.
 The bart-large-shaped model (random weights) is built once into ``--model-cache``.
 """
 
@@ -391,7 +394,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model-cache", type=Path, default=REPO / "bench" / "results" / "models")
     parser.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="PNG of the budget sweep (default: --out .png)"
+    )
     return parser.parse_args(argv)
+
+
+def plot(results: list[Measurement], path: Path) -> Path | None:
+    """tagstream pairs/s against the token budget; the pipeline as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return None
+    groups = list(dict.fromkeys((r.model, r.dtype) for r in results))
+    figure, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.8), squeeze=False)
+    for axis, (model, dtype) in zip(axes[0], groups, strict=True):
+        group = [r for r in results if (r.model, r.dtype) == (model, dtype)]
+        ours = sorted(
+            (r for r in group if r.method == "tagstream"),
+            key=lambda r: r.setting or DEFAULT_MAX_BATCH_TOKENS,
+        )
+        budgets = [r.setting or DEFAULT_MAX_BATCH_TOKENS for r in ours]
+        axis.plot(budgets, [r.pairs_per_s for r in ours], marker="o", label="tagstream")
+        piped = [r for r in group if r.method.startswith("pipeline")]
+        best = max(piped, key=lambda r: r.pairs_per_s)
+        docs = next(r for r in piped if r.method == "pipeline-docs")
+        axis.axhline(best.pairs_per_s, color="tab:red", linestyle="--", label="pipeline, best")
+        axis.axhline(docs.pairs_per_s, color="tab:gray", linestyle=":", label="pipeline, docs")
+        axis.set_xscale("log", base=2)
+        axis.set_title(f"{model} {dtype}")
+        axis.set_xlabel("max_batch_tokens")
+        axis.set_ylabel("pairs/s")
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,6 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.out}")
+    picture = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
+    if picture is not None:
+        plot(results, picture)
     return 0
 
 

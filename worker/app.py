@@ -18,13 +18,17 @@ Periodic commits take steps 1 and 2 as they come (the producer sends continuousl
 callbacks run on every loop); a revoke or a shutdown waits for them, bounded in time.
 Nothing is committed that is not acknowledged, so a crash at any point replays at most
 the uncommitted tail: duplicates, never loss.
+
+Every consumed record is reported to the :class:`~worker.observer.Observer` once, and its
+fate once: scored, dead-lettered, or discarded with a
+:class:`~worker.observer.DiscardReason` (see :mod:`worker.metrics` for the identity).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import structlog
 from confluent_kafka import KafkaError
@@ -40,10 +44,10 @@ from worker.kafka_client import (
     describe_partitions,
     is_fatal,
 )
-from worker.observer import Observer
+from worker.observer import DiscardReason, Observer
 from worker.offsets import OffsetTracker, Tracked
 from worker.producer import ProducerStage
-from worker.scorer_stage import InferenceStage
+from worker.scorer_stage import InferenceStage, SubmittedBatch
 from worker.scoring.base import Scorer
 from worker.tagging import EventError, decode_input, to_request
 
@@ -80,7 +84,11 @@ _NEEDS_GROUP_PROGRESS: Final = frozenset(
 
 
 class Worker:
-    """One ``tagstream run`` process: builds the stages and runs the loop until stopped."""
+    """One ``tagstream run`` process: builds the stages and runs the loop until stopped.
+
+    ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
+    and for the input consumer (observability: the log bridge, the statistics for the lag).
+    """
 
     def __init__(
         self,
@@ -88,12 +96,24 @@ class Worker:
         scorer: Scorer,
         identity: WorkerIdentity,
         observer: Observer | None = None,
+        *,
+        client_config: Mapping[str, Any] | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
         self.observer = observer or Observer()
         self.tracker = OffsetTracker()
-        self.producer = ProducerStage(settings.kafka, identity, self.observer)
+        # How each partition was last taken away, for the work of it still in flight.
+        self._gone: dict[PartitionKey, DiscardReason] = {}
+        self._next_batch_id = 1
+        self.producer = ProducerStage(
+            settings.kafka,
+            identity,
+            self.observer,
+            client_config=client_config,
+            on_abandoned=self._abandoned,
+        )
         batch = settings.batch
         self.batcher = Batcher(
             max_size=batch.max_batch_size,
@@ -109,8 +129,14 @@ class Worker:
             tagging=settings.tagging,
             output_topic=settings.kafka.output_topic,
             observer=self.observer,
+            on_abandoned=self._abandoned,
         )
-        self.consumer = InputConsumer(settings.kafka, self.observer, self._on_commit_result)
+        self.consumer = InputConsumer(
+            settings.kafka,
+            self.observer,
+            self._on_commit_result,
+            client_config=consumer_config,
+        )
         self._commit_interval_s = settings.delivery.commit_interval_ms / 1000
         self._next_commit = time.monotonic() + self._commit_interval_s
         self._stop_requested = False
@@ -138,6 +164,7 @@ class Worker:
 
     def step(self) -> None:
         """One turn of the main loop."""
+        self.observer.loop_iteration()
         records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
         self.accept(records)
         self.batcher.close_if_due()
@@ -156,8 +183,9 @@ class Worker:
         commit is accepted.
         """
         deadline = time.monotonic() + self.settings.shutdown.shutdown_timeout_s
+        self.observer.stopping()
         self.consumer.pause("stopping")
-        dropped = self._abandon_unstarted(self.tracker.keys)
+        dropped = self._abandon_unstarted(self.tracker.keys, DiscardReason.SHUTDOWN)
         log.info("stopping", in_flight_batches=self.handoff.in_flight, not_started=dropped)
         self.handoff.close()
         # 1. flush outputs + 2. confirm delivery
@@ -179,6 +207,7 @@ class Worker:
     def stop_fatally(self, reason: str) -> int:
         """Fatal error: commit only what is done, leave the group, exit non-zero."""
         log.error("stopping on a fatal error", error=reason)
+        self.observer.stopping()
         self.handoff.close(discard_queued=True)
         deadline = time.monotonic() + FATAL_DRAIN_S
         self._drain(deadline, self._all_delivered, serve_group=False)
@@ -189,7 +218,8 @@ class Worker:
     # -- the loop's steps ---------------------------------------------------------------
 
     def accept(self, records: list[InputRecord]) -> None:
-        """Track each record; dead-letter invalid ones at once, batch the valid ones."""
+        """Count every polled record as consumed, then track each one (or discard it);
+        dead-letter invalid ones at once, batch the valid ones."""
         if records:
             self.observer.records_consumed(records)
         for record in records:
@@ -200,12 +230,17 @@ class Worker:
     def submit_ready_batches(self) -> None:
         """Hand closed batches to the inference thread; pause input while it is full."""
         ready = self.batcher.ready
-        while ready and self.handoff.try_submit(ready[0]):
-            batch = ready.popleft()
+        while ready:
+            batch = SubmittedBatch.of(ready[0], self._next_batch_id)
+            if not self.handoff.try_submit(batch):
+                break
+            ready.popleft()
+            self._next_batch_id += 1
             in_flight = self.handoff.in_flight
             self.observer.batch_submitted(len(batch), in_flight)
             log.debug(
                 "batch submitted",
+                batch_id=batch.batch_id,
                 size=len(batch),
                 tokens=batch.tokens,
                 reason=str(batch.reason),
@@ -269,7 +304,8 @@ class Worker:
     def on_revoked(self, keys: list[PartitionKey]) -> None:
         """Stop batching the partitions, wait (bounded) for their in-flight batches to be
         acknowledged, commit their done offsets, and drop the rest for the next owner."""
-        self._abandon_unstarted(keys)
+        self._gone.update(dict.fromkeys(keys, DiscardReason.REVOKED))
+        self._abandon_unstarted(keys, DiscardReason.REVOKED)
         deadline = time.monotonic() + self.settings.shutdown.revoke_timeout_ms / 1000
         drained = self._drain(deadline, lambda: self.tracker.pending(keys) == 0, serve_group=False)
         if not drained:
@@ -283,7 +319,9 @@ class Worker:
 
     def on_lost(self, keys: list[PartitionKey]) -> None:
         """The group moved on without us: drop everything, commit nothing."""
-        self.batcher.drop(set(keys))
+        self._gone.update(dict.fromkeys(keys, DiscardReason.LOST))
+        for item in self.batcher.drop(set(keys)):
+            self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
         self.tracker.remove(keys)
 
     # -- internals ----------------------------------------------------------------------
@@ -302,10 +340,10 @@ class Worker:
     def _track(self, record: InputRecord) -> Tracked | None:
         state = self.tracker.get(record.partition_key)
         if state is None or not state.active:
-            self.observer.record_discarded(record.partition_key, "not_assigned")
+            self.observer.record_discarded(record.partition_key, DiscardReason.NOT_ASSIGNED)
             return None
         if not state.receive(record.offset):
-            self.observer.record_discarded(record.partition_key, "seen")
+            self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
             return None
         return Tracked(record, state)
 
@@ -326,14 +364,15 @@ class Worker:
             return
         self.batcher.add(PendingEvent(tracked, event, request, tokens))
 
-    def _abandon_unstarted(self, keys: list[PartitionKey]) -> int:
+    def _abandon_unstarted(self, keys: list[PartitionKey], reason: DiscardReason) -> int:
         """Take the partitions' events out of the batches not handed over yet; they will
-        not be committed (the first of them per partition bounds the commit). Returns
-        how many were dropped."""
+        not be committed (the first of them per partition bounds the commit) and count as
+        discarded for ``reason``. Returns how many were dropped."""
         first_dropped: dict[PartitionKey, int] = {}
         dropped = self.batcher.drop(set(keys))
         for item in dropped:
             record = item.origin.record
+            self.observer.record_discarded(record.partition_key, reason)
             current = first_dropped.get(record.partition_key)
             if current is None or record.offset < current:
                 first_dropped[record.partition_key] = record.offset
@@ -342,6 +381,12 @@ class Worker:
             if state is not None:
                 state.truncate_from(offset)
         return len(dropped)
+
+    def _abandoned(self, origin: Tracked) -> None:
+        """A stage gave up on a record of a partition no longer assigned here (main or
+        inference thread)."""
+        key = origin.record.partition_key
+        self.observer.record_discarded(key, self._gone.get(key, DiscardReason.REVOKED))
 
     def _batch_closed(self, batch: Batch) -> None:
         age = time.monotonic() - batch.opened_at
@@ -354,6 +399,7 @@ class Worker:
         """Serve delivery callbacks and retries (and, with ``serve_group``, the group
         protocol) until ``finished()`` or the deadline."""
         while not finished():
+            self.observer.loop_iteration()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.producer.fatal is not None:
                 return False

@@ -184,6 +184,15 @@ class Handoff:
             self._in_flight -= 1
             self._condition.notify_all()
 
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Main thread: wait until :meth:`try_submit` would accept a batch; False on
+        timeout (or once closed). Lets the main thread wait for the model without taking
+        more input (which would mean pausing the consumer; see :mod:`worker.app`)."""
+        with self._condition:
+            return self._condition.wait_for(
+                lambda: self._in_flight < self.limit or self._closed, timeout=timeout_s
+            ) and not self._closed
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no batch is in flight; False on timeout."""
         with self._condition:

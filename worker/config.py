@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from worker.observability_settings import ObservabilitySettings
 from worker.settings import (
     ENV_PREFIX,
     BatchSettings,
@@ -55,10 +56,12 @@ class RunSettings:
     batch: BatchSettings
     delivery: DeliverySettings
     shutdown: ShutdownSettings
+    observability: ObservabilitySettings
 
 
 # The classes that make up RunSettings, by RunSettings field name. Every setting name is
-# unique across them, so one flat namespace (env, YAML, flags) addresses them all.
+# unique across them (a unit test checks it), so one flat namespace (env, YAML, flags)
+# addresses them all.
 SECTIONS: dict[str, type[BaseSettings]] = {
     "kafka": KafkaSettings,
     "model": ModelSettings,
@@ -66,6 +69,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "batch": BatchSettings,
     "delivery": DeliverySettings,
     "shutdown": ShutdownSettings,
+    "observability": ObservabilitySettings,
 }
 
 
@@ -130,6 +134,16 @@ def build_section(
         raise ConfigError(f"invalid setting: {exc}") from None
 
 
+def load_observability_settings(
+    config_file: Path | None = None, flags: Mapping[str, Any] | None = None
+) -> ObservabilitySettings:
+    """Only the logging and HTTP settings, from the same sources as the rest: read first,
+    so that logging is configured before anything else can fail. Raises
+    :class:`ConfigError`."""
+    file_values = read_yaml(config_file) if config_file is not None else {}
+    return build_section(ObservabilitySettings, file_values, dict(flags or {}))
+
+
 def load_run_settings(
     config_file: Path | None = None, flags: Mapping[str, Any] | None = None
 ) -> RunSettings:
@@ -143,4 +157,5 @@ def load_run_settings(
         batch=build_section(BatchSettings, file_values, given),
         delivery=build_section(DeliverySettings, file_values, given),
         shutdown=build_section(ShutdownSettings, file_values, given),
+        observability=build_section(ObservabilitySettings, file_values, given),
     )

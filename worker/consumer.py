@@ -9,8 +9,8 @@ incrementally for the cooperative and the KIP-848 protocols, eagerly for ``range
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -23,7 +23,7 @@ from worker.kafka_client import (
     describe_partitions,
     is_fatal,
 )
-from worker.observer import Observer
+from worker.observer import DiscardReason, Observer
 from worker.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -60,9 +60,21 @@ def _partitions(positions: dict[PartitionKey, int]) -> list[TopicPartition]:
 
 
 class InputConsumer:
-    """A group consumer with manual commits of explicit offsets."""
+    """A group consumer with manual commits of explicit offsets.
 
-    def __init__(self, kafka: KafkaSettings, observer: Observer, on_commit: CommitResult) -> None:
+    ``client_config``: extra librdkafka settings (the structlog ``logger``, the statistics
+    interval and ``stats_cb`` for the lag gauges). They rank below the worker's own settings,
+    so ``TAGSTREAM_CONSUMER_CONFIG`` can still tune ``statistics.interval.ms``.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        observer: Observer,
+        on_commit: CommitResult,
+        *,
+        client_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self._kafka = kafka
         self._observer = observer
         self._on_commit_result = on_commit
@@ -70,6 +82,7 @@ class InputConsumer:
             kafka.group_protocol == "consumer" or kafka.assignment_strategy == "cooperative-sticky"
         )
         config = {
+            **(client_config or {}),
             **consumer_config(kafka),
             "error_cb": self._on_error,
             "on_commit": self._on_commit,
@@ -145,8 +158,14 @@ class InputConsumer:
 
     def discard(self, timeout_s: float) -> int:
         """Poll without keeping the records (a stopping worker still serves the group
-        protocol: rebalance callbacks, heartbeats); returns how many were dropped."""
-        return len(self.poll(POLL_DISCARD_MAX, timeout_s))
+        protocol: rebalance callbacks, heartbeats); returns how many were dropped. They
+        count as consumed and discarded (``shutdown``)."""
+        records = self.poll(POLL_DISCARD_MAX, timeout_s)
+        if records:
+            self._observer.records_consumed(records)
+            for record in records:
+                self._observer.record_discarded(record.partition_key, DiscardReason.SHUTDOWN)
+        return len(records)
 
     def _commit_raised(self, error: KafkaError) -> None:
         self._report_commit(error, [])
@@ -174,6 +193,7 @@ class InputConsumer:
             # revoked while paused would come back paused. Set the current state explicitly.
             if self.paused:
                 self._consumer.pause(partitions)
+                self._observer.paused(len(self._consumer.assignment()))
             else:
                 self._consumer.resume(partitions)
         self._observer.rebalance("assigned", keys)
@@ -183,6 +203,7 @@ class InputConsumer:
     def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = _keys(partitions)
         log.info("partitions revoked", partitions=describe_partitions(keys))
+        self._report_paused_without(keys)
         self._observer.rebalance("revoked", keys)
         if self._listener is not None:
             self._listener.on_revoked(keys)
@@ -190,9 +211,17 @@ class InputConsumer:
     def _lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = _keys(partitions)
         log.warning("partitions lost", partitions=describe_partitions(keys))
+        self._report_paused_without(keys)
         self._observer.rebalance("lost", keys)
         if self._listener is not None:
             self._listener.on_lost(keys)
+
+    def _report_paused_without(self, keys: list[PartitionKey]) -> None:
+        """While paused, the paused-partitions gauge follows the shrinking assignment (the
+        partitions leave the assignment only after this callback returns)."""
+        if self.paused:
+            remaining = set(self.assignment()) - set(keys)
+            self._observer.paused(len(remaining))
 
     def _on_error(self, error: KafkaError) -> None:
         if error.code() in _QUIET_CODES:

@@ -88,8 +88,8 @@ def source_headers(record: InputRecord) -> OutHeaders:
     """Where the input came from; on scored and dead-letter records alike."""
     return [
         (HEADER_SOURCE_TOPIC, record.topic.encode()),
-        (HEADER_SOURCE_PARTITION, str(record.partition).encode()),
-        (HEADER_SOURCE_OFFSET, str(record.offset).encode()),
+        (HEADER_SOURCE_PARTITION, b"%d" % record.partition),
+        (HEADER_SOURCE_OFFSET, b"%d" % record.offset),
     ]
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message
@@ -111,9 +110,12 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() in _FATAL_CODES
 
 
-@dataclass(frozen=True, slots=True)
-class InputRecord:
-    """One consumed record, detached from the librdkafka message."""
+class InputRecord(NamedTuple):
+    """One consumed record, detached from the librdkafka message.
+
+    A named tuple rather than a frozen dataclass: one is built per consumed record, and a
+    tuple is built several times faster while being just as immutable.
+    """
 
     topic: str
     partition: int
@@ -131,31 +133,26 @@ class InputRecord:
     def from_message(cls, message: Message) -> InputRecord:
         """Copy out of a consumed (error-free) message."""
         timestamp_type, timestamp = message.timestamp()
+        partition, offset = message.partition(), message.offset()
+        if partition is None or offset is None:
+            raise ValueError("a consumed message without partition or offset")
+        raw_headers = message.headers()
         return cls(
-            topic=message.topic() or "",
-            partition=_required(message.partition()),
-            offset=_required(message.offset()),
-            key=message.key(),
-            value=message.value(),
-            headers=_headers(message),
-            timestamp_ms=None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
+            message.topic() or "",
+            partition,
+            offset,
+            message.key(),
+            message.value(),
+            _headers(raw_headers) if raw_headers else (),
+            None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
         )
-
-
-def _required(number: int | None) -> int:
-    if number is None:
-        raise ValueError("a consumed message without partition or offset")
-    return number
 
 
 def _as_bytes(value: str | bytes | None) -> bytes | None:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _headers(message: Message) -> Headers:
-    raw = message.headers()
-    if not raw:
-        return ()
+def _headers(raw: Any) -> Headers:
     pairs = raw.items() if isinstance(raw, dict) else raw
     return tuple((name, _as_bytes(value)) for name, value in pairs)
 

@@ -4,6 +4,28 @@ Every metric lives on the :class:`WorkerMetrics` instance's own ``CollectorRegis
 process-global one, so tests and several workers in one process never clash. Names follow the
 Prometheus conventions: ``tagstream_`` prefix, unit in the name, ``_total`` on counters.
 
+The record counters form a ledger. Every record the consumer hands the worker is counted in
+``tagstream_events_consumed_total{topic}`` and, once its fate is settled, in exactly one of
+
+* ``tagstream_events_scored_total``: its output record was acknowledged by the broker;
+* ``tagstream_events_dead_lettered_total{stage,error_class}``: its dead-letter record was
+  acknowledged by the broker;
+* ``tagstream_events_discarded_total{reason}``: the worker dropped it without writing anything:
+  ``not_assigned`` / ``seen`` (polled for a partition it does not hold, or an offset it already
+  received), ``revoked`` / ``lost`` (its partition went away before its result was written;
+  the next owner processes it), ``shutdown`` (the worker stopped before processing it).
+
+So, per worker and summed over labels, whenever no work is in flight (the input drained, or
+after a graceful stop that finished within ``shutdown_timeout_s``)::
+
+    consumed == scored + dead_lettered + discarded
+
+A record's output that is acknowledged after its partition was revoked counts as scored: it
+is in the output topic, and the next owner writes it again (at-least-once). Summed over a
+fleet, ``scored`` and ``dead_lettered`` therefore equal the records written to the output and
+dead-letter topics, duplicates included. After a fatal error (exit code 3) the work still in
+flight is not counted.
+
 Consumer lag comes from two sources:
 
 * **messages** (``tagstream_consumer_lag_messages{topic,partition}``): librdkafka's statistics
@@ -350,13 +372,14 @@ class WorkerMetrics:
         )
         self._dead_lettered = Counter(
             _metric_name("events_dead_lettered"),
-            "Records handed to the dead-letter producer, by failing stage and error class.",
+            "Dead-letter records the broker acknowledged, by failing stage and error class.",
             ["stage", "error_class"],
             registry=reg,
         )
         self._discarded = Counter(
             _metric_name("events_discarded"),
-            "Consumed records dropped without output (partition not assigned, offset seen).",
+            "Consumed records dropped without output or dead-letter record, by reason "
+            "(not_assigned, seen, revoked, lost, shutdown).",
             ["reason"],
             registry=reg,
         )
@@ -469,11 +492,12 @@ class WorkerMetrics:
         self._scored.inc(n)
 
     def record_dead_lettered(self, stage: str, error_class: str, n: int = 1) -> None:
-        """Records handed to the dead-letter producer (final once the producer is flushed)."""
+        """Dead-letter records the broker acknowledged."""
         self._dead_lettered.labels(stage=stage, error_class=error_class).inc(n)
 
     def record_discarded(self, reason: str, n: int = 1) -> None:
-        """Consumed records dropped without output (partition not assigned, offset seen)."""
+        """Consumed records dropped without output or dead-letter record (see the module
+        docstring for the reasons)."""
         self._discarded.labels(reason=reason).inc(n)
 
     def record_produce_retry(self, error: str) -> None:

@@ -1,25 +1,27 @@
 """The :class:`~worker.observer.Observer` that feeds :class:`~worker.metrics.WorkerMetrics`
-(and, optionally, the liveness heartbeats and group membership of a
+(and, optionally, the heartbeats, group membership and shutdown mark of a
 :class:`~worker.health.HealthState`).
 
-Ledger: once the input is drained, ``events_consumed_total`` (summed over topics) equals
-``events_scored_total + events_dead_lettered_total + events_discarded_total``. Scored events
-count when the broker acknowledges their output; dead-lettered records count when they are
-handed to the producer (the hook that carries stage and error class), which is final once
-the producer is flushed.
+Ledger (see :mod:`worker.metrics`): every consumed record is counted once in
+``events_consumed_total`` and once more in exactly one of ``events_scored_total`` (its output
+was acknowledged), ``events_dead_lettered_total`` (its dead-letter record was acknowledged) or
+``events_discarded_total`` (dropped, with a reason), so once the work in flight is settled
+``consumed == scored + dead_lettered + discarded``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from worker.health import HealthState
 from worker.kafka_client import PartitionKey
 from worker.metrics import REBALANCE_KINDS, WorkerMetrics
-from worker.observer import Observer
+from worker.observer import DiscardReason, Observer
 
 OUTPUT_KIND = "output"
 
@@ -41,8 +43,10 @@ class MetricsObserver(Observer):
     """Translates the pipeline's hooks into metric updates. Thread-safe, never raises.
 
     ``max_batch_size`` (``BatchSettings.max_batch_size``) turns batch sizes into fill ratios.
-    With ``health``, a scored batch is an inference heartbeat, and the first assignment (even
-    an empty one) marks the consumer as joined; a lost assignment marks it as left.
+    With ``health``: every poll-loop turn is a poll heartbeat, a scored batch and the end of
+    a wait for work are inference heartbeats (the wait itself counts as idle, not stuck),
+    the first assignment (even an empty one) marks the consumer as joined, a lost assignment
+    marks it as left, and :meth:`stopping` marks the worker as shutting down.
     """
 
     def __init__(
@@ -53,14 +57,15 @@ class MetricsObserver(Observer):
         self._max_batch_size = max_batch_size
         self._lock = threading.Lock()
         self._in_flight = 0
+        # Every reason's series exists from the start: rate() and alerts see 0, not no data.
+        for reason in DiscardReason:
+            metrics.record_discarded(reason, 0)
 
-    # -- hooks beyond the base Observer ------------------------------------------------------
+    # -- Observer ----------------------------------------------------------------------------
 
     def records_consumed(self, records: Iterable[ConsumedRecord]) -> None:
-        """Main thread: records returned by one poll (counts per topic, lag timestamps).
-
-        Not a hook of :class:`Observer` yet: call it next to ``records_polled``.
-        """
+        """Main thread: every record one poll returned, before any discard (counts per
+        topic, and the newest timestamp per partition for the lag in seconds)."""
         per_topic: Counter[str] = Counter()
         latest: dict[PartitionKey, int] = {}
         for record in records:
@@ -71,8 +76,6 @@ class MetricsObserver(Observer):
             self.metrics.record_consumed(topic, count)
         for (topic, partition), timestamp_ms in latest.items():
             self.metrics.observe_record_timestamp(topic, partition, timestamp_ms)
-
-    # -- Observer ----------------------------------------------------------------------------
 
     def record_discarded(self, key: PartitionKey, reason: str) -> None:
         self.metrics.record_discarded(reason)
@@ -128,3 +131,16 @@ class MetricsObserver(Observer):
 
     def resumed(self, partitions: int) -> None:
         self.metrics.set_paused(0)
+
+    def loop_iteration(self) -> None:
+        if self.health is not None:
+            self.health.beat_poll()
+
+    def waiting_for_batch(self) -> AbstractContextManager[None]:
+        if self.health is None:
+            return contextlib.nullcontext()
+        return self.health.inference_idle()
+
+    def stopping(self) -> None:
+        if self.health is not None:
+            self.health.mark_shutting_down()

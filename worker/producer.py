@@ -14,8 +14,9 @@ What happens to a record the broker did not take:
 * anything else (authorization, fatal idempotent-producer state, unknown permanent
   errors): stops the worker, which then commits only what is done.
 
-Results for partitions that were revoked in the meantime are ignored: the partition's
-next owner processes those inputs again.
+A record acknowledged after its partition was revoked is written all the same (and counted
+as such); one that failed, or waited for a retry, meanwhile is dropped and reported through
+``on_abandoned``: the partition's next owner processes that input again.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -42,7 +44,7 @@ from worker.kafka_client import (
     is_fatal,
     producer_config,
 )
-from worker.observer import Observer
+from worker.observer import DiscardReason, Observer
 from worker.offsets import Tracked
 from worker.settings import KafkaSettings
 
@@ -59,6 +61,9 @@ RETRY_JITTER: Final = 0.2
 QUEUE_FULL_WAIT_S: Final = 0.05
 
 RecordKind = Literal["output", "dead_letter"]
+# Called (main or inference thread) for a record this worker gives up on because its
+# partition is no longer assigned here; the worker turns it into a discard with a reason.
+AbandonHook = Callable[[Tracked], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +78,8 @@ class Outbound:
     origin: Tracked
     attempts: int = 0
     solo: bool = False
+    # Why the input is dead-lettered (dead-letter records only): counted on acknowledgement.
+    failure: Failure | None = None
 
 
 def backoff_delay(attempt: int) -> float:
@@ -81,15 +88,38 @@ def backoff_delay(attempt: int) -> float:
     return float(base * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
 
 
-class ProducerStage:
-    """The worker's idempotent producer (plus a lazily created one-record-per-request one)."""
+def abandon_as_revoked(observer: Observer) -> AbandonHook:
+    """The default :data:`AbandonHook`: report the record as discarded, ``revoked``."""
 
-    def __init__(self, kafka: KafkaSettings, identity: WorkerIdentity, observer: Observer) -> None:
+    def abandon(origin: Tracked) -> None:
+        observer.record_discarded(origin.record.partition_key, DiscardReason.REVOKED)
+
+    return abandon
+
+
+class ProducerStage:
+    """The worker's idempotent producer (plus a lazily created one-record-per-request one).
+
+    ``client_config``: extra librdkafka settings for both producers (the structlog
+    ``logger``), under the worker's own settings.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        identity: WorkerIdentity,
+        observer: Observer,
+        *,
+        client_config: Mapping[str, Any] | None = None,
+        on_abandoned: AbandonHook | None = None,
+    ) -> None:
         self._kafka = kafka
         self._identity = identity
         self._observer = observer
+        self._client_config = dict(client_config or {})
+        self._on_abandoned = on_abandoned or abandon_as_revoked(observer)
         self._dead_letter_topic = kafka.dead_letter_topic
-        self._producer = Producer({**producer_config(kafka), "error_cb": self._on_client_error})
+        self._producer = Producer(self._config(producer_config(kafka)))
         self._solo: Producer | None = None
         self._serving_thread = threading.get_ident()
         self._failed_sends: deque[tuple[Outbound, KafkaError]] = deque()
@@ -132,7 +162,6 @@ class ProducerStage:
             partition=record.partition,
             offset=record.offset,
         )
-        self._observer.record_dead_lettered(failure.stage.value, failure.error_class)
         self.send(
             Outbound(
                 topic=self._dead_letter_topic,
@@ -141,6 +170,7 @@ class ProducerStage:
                 headers=headers,
                 kind="dead_letter",
                 origin=origin,
+                failure=failure,
             )
         )
 
@@ -174,10 +204,12 @@ class ProducerStage:
 
     # -- internals ----------------------------------------------------------------------
 
+    def _config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**self._client_config, **config, "error_cb": self._on_client_error}
+
     def _solo_producer(self) -> Producer:
         if self._solo is None:
-            config = producer_config(self._kafka, solo=True)
-            self._solo = Producer({**config, "error_cb": self._on_client_error})
+            self._solo = Producer(self._config(producer_config(self._kafka, solo=True)))
         return self._solo
 
     def _wait_for_queue_room(self, producer: Producer) -> None:
@@ -196,19 +228,23 @@ class ProducerStage:
         if error is not None:
             self._handle_failure(record, error)
             return
-        if not record.origin.active:
-            return
-        record.origin.mark_done()
+        if record.origin.active:
+            record.origin.mark_done()
+        # Counted even for a revoked partition: the record is in the topic all the same.
         timestamp_ms = record.origin.record.timestamp_ms
         latency = None if timestamp_ms is None else max(0.0, time.time() - timestamp_ms / 1000)
         self._observer.delivery_acked(record.kind, latency)
+        if record.failure is not None:
+            self._observer.record_dead_lettered(
+                record.failure.stage.value, record.failure.error_class
+            )
 
     def _handle_failure(self, record: Outbound, error: KafkaError) -> None:
         kind = classify(error)
         if kind is ErrorKind.FATAL:
             self._fail(f"cannot write to {record.topic}: {error.str()}")
         elif not record.origin.active:
-            return  # revoked meanwhile: the next owner of the partition redoes it
+            self._on_abandoned(record.origin)  # the next owner of the partition redoes it
         elif kind is ErrorKind.RETRIABLE:
             self._schedule_retry(record, error)
         elif not record.solo:
@@ -226,9 +262,13 @@ class ProducerStage:
 
     def _schedule_retry(self, record: Outbound, error: KafkaError) -> None:
         delay = backoff_delay(record.attempts)
+        source = record.origin.record
         log.warning(
             "transient produce error, retrying",
-            topic=record.topic,
+            destination=record.topic,
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
             error=error.str(),
             attempt=record.attempts,
             delay_s=round(delay, 3),
@@ -242,6 +282,8 @@ class ProducerStage:
             _, _, record = heapq.heappop(self._retries)
             if record.origin.active:
                 self.send(record)
+            else:
+                self._on_abandoned(record.origin)
 
     def _fail(self, message: str) -> None:
         if self.fatal is None:

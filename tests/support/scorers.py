@@ -7,13 +7,20 @@
 * ``tests.support.scorers:raising`` — like ``fake``, but a batch that contains
   :data:`RAISE_MARKER` makes the whole ``score`` call raise (the worker must then isolate
   the event).
+* ``tests.support.scorers:gated`` — like ``fake``, but loading the "model" (constructing
+  the scorer) waits until the file named by ``TAGSTREAM_TEST_SCORER_LOAD_GATE`` exists: a
+  model load that lasts exactly as long as the test wants.
 
-Both honour two environment variables:
+All of them honour these environment variables:
 
 * ``TAGSTREAM_TEST_SCORER_SLEEP_MS``: sleep this long in every ``score`` call (a slow
   model);
 * ``TAGSTREAM_TEST_SCORER_LOG``: append one JSON line per ``score`` call to this file:
-  ``{"pid", "size", "started", "ended"}`` (wall-clock seconds).
+  ``{"pid", "size", "started", "ended", "warm_up"}`` (wall-clock seconds; ``warm_up`` marks
+  the worker's start-up call, see :func:`worker.scorer_stage.warm_up`);
+* ``TAGSTREAM_TEST_SCORER_GATE``: a ``score`` call whose batch contains
+  :data:`BLOCK_MARKER` blocks until this file exists (a stuck model, for as long as the
+  test wants).
 """
 
 from __future__ import annotations
@@ -23,21 +30,37 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
+from worker.scorer_stage import WARM_UP_TEXT
 from worker.scoring.base import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
 from worker.settings import ModelSettings
 
 ERROR_MARKER: Final = "<<score-error>>"
 RAISE_MARKER: Final = "<<scorer-raises>>"
+BLOCK_MARKER: Final = "<<scorer-blocks>>"
 SLEEP_ENV: Final = "TAGSTREAM_TEST_SCORER_SLEEP_MS"
 LOG_ENV: Final = "TAGSTREAM_TEST_SCORER_LOG"
+GATE_ENV: Final = "TAGSTREAM_TEST_SCORER_GATE"
+LOAD_GATE_ENV: Final = "TAGSTREAM_TEST_SCORER_LOAD_GATE"
+# How often a closed gate is looked at again: short next to any test's patience.
+GATE_POLL_S: Final = 0.05
 MENTIONED_SCORE: Final = 0.95
 # Labels a text does not mention stay below the default 0.5 threshold.
 UNMENTIONED_MAX: Final = 0.4
 # A rough "tokens per character" for the budget estimate (BPE averages ~4 chars a token).
 CHARS_PER_TOKEN: Final = 4
 HYPOTHESIS_TOKENS: Final = 8
+
+
+def wait_for_gate(path: str | None) -> None:
+    """Block until the file ``path`` exists (at once when ``path`` is None or empty)."""
+    if not path:
+        return
+    gate = Path(path)
+    while not gate.exists():
+        time.sleep(GATE_POLL_S)
 
 
 def _hash_score(text: str, label: str) -> float:
@@ -53,6 +76,7 @@ class FakeScorer:
         self._raise_marker = raise_marker
         self._sleep_s = int(os.environ.get(SLEEP_ENV, "0")) / 1000
         self._log_path = os.environ.get(LOG_ENV)
+        self._gate = os.environ.get(GATE_ENV)
 
     @property
     def info(self) -> ModelInfo:
@@ -70,10 +94,12 @@ class FakeScorer:
         started = time.time()
         if self._sleep_s:
             time.sleep(self._sleep_s)
+        if any(BLOCK_MARKER in request.text for request in requests):
+            wait_for_gate(self._gate)
         if self._raise_marker and any(self._raise_marker in r.text for r in requests):
             raise RuntimeError("the fake scorer raises on a marked batch")
         outcomes = [self._score_one(request) for request in requests]
-        self._log(len(requests), started)
+        self._log(requests, started)
         return outcomes
 
     def _score_one(self, request: ScoreRequest) -> ScoreOutcome:
@@ -94,10 +120,16 @@ class FakeScorer:
             truncated=False,
         )
 
-    def _log(self, size: int, started: float) -> None:
+    def _log(self, requests: Sequence[ScoreRequest], started: float) -> None:
         if not self._log_path:
             return
-        line = {"pid": os.getpid(), "size": size, "started": started, "ended": time.time()}
+        line = {
+            "pid": os.getpid(),
+            "size": len(requests),
+            "started": started,
+            "ended": time.time(),
+            "warm_up": all(request.text == WARM_UP_TEXT for request in requests),
+        }
         with open(self._log_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
 
@@ -110,10 +142,19 @@ def raising(settings: ModelSettings) -> FakeScorer:
     return FakeScorer(settings, raise_marker=RAISE_MARKER)
 
 
-def read_scorer_log(path: str | os.PathLike[str]) -> list[dict[str, float]]:
-    """The lines written through ``TAGSTREAM_TEST_SCORER_LOG``."""
+def gated(settings: ModelSettings) -> FakeScorer:
+    wait_for_gate(os.environ.get(LOAD_GATE_ENV))
+    return FakeScorer(settings)
+
+
+def read_scorer_log(
+    path: str | os.PathLike[str], *, include_warm_up: bool = False
+) -> list[dict[str, float]]:
+    """The lines written through ``TAGSTREAM_TEST_SCORER_LOG``: the batches of events, and
+    with ``include_warm_up`` the start-up warm-up calls too."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            lines = [json.loads(line) for line in handle if line.strip()]
     except FileNotFoundError:
         return []
+    return [line for line in lines if include_warm_up or not line.get("warm_up")]

@@ -407,6 +407,41 @@ def test_observer_rebalances_drive_membership_and_assignment() -> None:
     assert value(metrics, "tagstream_assigned_partitions") == 0
 
 
+def test_observer_drives_the_heartbeats_and_the_shutdown_mark() -> None:
+    clock = FakeClock(0.0)
+    health = HealthState(stale_after_s=10, clock=clock)
+    health.mark_model_ready()
+    observer = MetricsObserver(new_metrics(), max_batch_size=10, health=health)
+    observer.rebalance("assigned", [])
+    observer.loop_iteration()
+    with observer.waiting_for_batch():
+        clock.now += 100  # an empty queue for a long time is idle, not stuck
+        observer.loop_iteration()
+        assert health.liveness().ok
+    clock.now += 11  # now busy scoring for longer than the bound
+    observer.loop_iteration()
+    assert health.liveness().body["stale"] == ["inference"]
+    assert health.readiness().ok
+    observer.stopping()
+    assert health.readiness().body == {"status": "shutting_down"}
+
+
+def test_observer_without_health_has_working_no_op_health_hooks() -> None:
+    observer = MetricsObserver(new_metrics(), max_batch_size=10)
+    observer.loop_iteration()
+    with observer.waiting_for_batch():
+        pass
+    observer.stopping()
+
+
+def test_every_discard_reason_is_exposed_from_the_start() -> None:
+    metrics = new_metrics()
+    MetricsObserver(metrics, max_batch_size=10)
+    reasons = {"not_assigned", "seen", "revoked", "lost", "shutdown"}
+    for reason in reasons:
+        assert value(metrics, "tagstream_events_discarded_total", reason=reason) == 0
+
+
 def test_observer_commits_and_retries() -> None:
     metrics = new_metrics()
     observer = MetricsObserver(metrics, max_batch_size=10)

@@ -3,16 +3,29 @@ librdkafka configuration built from them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
+import structlog
 from confluent_kafka import KafkaError
 
+from tests.support.scorers import FakeScorer
 from worker.cli import main
-from worker.config import ConfigError, load_run_settings
+from worker.commands import run as run_command
+from worker.config import (
+    SECTIONS,
+    ConfigError,
+    load_observability_settings,
+    load_run_settings,
+)
 from worker.kafka_client import (
     ErrorKind,
     classify,
@@ -20,8 +33,11 @@ from worker.kafka_client import (
     producer_config,
     security_config,
 )
+from worker.logconfig import clear_process_context, clear_secrets
+from worker.observability import start_observability
+from worker.observability_settings import ObservabilitySettings
 from worker.producer import RETRY_BACKOFF_MAX_S, backoff_delay
-from worker.settings import KafkaSettings
+from worker.settings import KafkaSettings, ModelSettings
 
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"input_topics": "news", "output_topic": "news.tagged"}
@@ -32,6 +48,21 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("TAGSTREAM_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``tagstream run`` configures process-wide logging first thing; undo it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    hooks = sys.excepthook, threading.excepthook
+    yield
+    root.handlers, root.level = handlers, level
+    sys.excepthook, threading.excepthook = hooks
+    logging.captureWarnings(False)
+    structlog.reset_defaults()
+    clear_secrets()
+    clear_process_context()
 
 
 def _error(**flags: object) -> str:
@@ -121,6 +152,30 @@ def test_flags_win_over_the_environment_which_wins_over_the_file(
     assert settings.batch.max_wait_ms == 33  # flag over env
 
 
+def test_observability_settings_come_from_the_same_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "tagstream.yaml"
+    config.write_text(
+        "input_topics: [news]\noutput_topic: out\nmetrics_port: 9500\nlog_format: console\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("TAGSTREAM_HEALTH_STALE_AFTER_S", "15")
+    flags = {"log_level": "debug"}
+
+    alone = load_observability_settings(config, flags)
+    settings = load_run_settings(config, flags)
+
+    assert settings.observability == alone
+    assert (alone.metrics_port, alone.log_format) == (9500, "console")
+    assert (alone.log_level, alone.health_stale_after_s) == ("DEBUG", 15)
+
+
+def test_every_setting_name_belongs_to_one_section() -> None:
+    names = Counter(name for cls in SECTIONS.values() for name in cls.model_fields)
+    assert [name for name, count in names.items() if count > 1] == []
+
+
 def test_an_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("output_topic: x\nmax_batch_sise: 3\n", encoding="utf-8")
@@ -204,6 +259,30 @@ def test_the_worker_process_exits_2_on_an_invalid_environment() -> None:
     )
     assert result.returncode == 2
     assert "TAGSTREAM_MAX_WAIT_MS" in result.stderr
+    (line,) = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert (line["level"], line["event"], line["exit_code"]) == ("error", "cannot start", 2)
+    assert "TAGSTREAM_MAX_WAIT_MS" in line["error"]
+
+
+def test_the_scorer_is_built_with_nli_probabilities_warmed_up_and_marked_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[bool] = []
+
+    def build_scorer(settings: ModelSettings, *, include_nli_probs: bool = False) -> FakeScorer:
+        built.append(include_nli_probs)
+        return FakeScorer(settings)
+
+    monkeypatch.setattr(run_command, "build_scorer", build_scorer)
+    settings = load_run_settings(flags={**REQUIRED, "include_nli_probs": "true"})
+    obs = start_observability(ObservabilitySettings(metrics_port=0), max_batch_size=8)
+    assert obs.health.readiness().body["waiting_for"] == ["model", "group"]
+
+    scorer = run_command._load_scorer(settings, obs)
+
+    assert built == [True]
+    assert scorer.info.name == "fake"
+    assert obs.health.readiness().body["waiting_for"] == ["group"]
 
 
 def test_secrets_have_no_command_line_flag(capsys: pytest.CaptureFixture[str]) -> None:

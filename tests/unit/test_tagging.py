@@ -12,8 +12,10 @@ from worker.scoring.base import LabelScores, ModelInfo, NliProbabilities, ScoreR
 from worker.settings import TaggingSettings
 from worker.tagging import (
     NoLabelsError,
+    ScoresError,
     ValidateError,
     build_scored_event,
+    encode_output,
     encode_scored_event,
     to_request,
 )
@@ -184,3 +186,68 @@ def test_scored_at_is_converted_to_utc() -> None:
             encode_scored_event(_build(InputEvent(text="t"), tagging, SCORES, moment))
         )
         assert obj["scored_at"] == "2024-05-06T07:00:00Z"
+
+
+def test_encoding_writes_the_same_bytes_as_the_pydantic_dump() -> None:
+    """encode_scored_event writes the fields itself; it must match model_dump exactly."""
+    options = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+    with_nli = TaggingSettings(labels=["a"], include_nli_probs=True)
+    events = [
+        _build(InputEvent(text="t"), TaggingSettings(labels=["a"])),
+        _build(InputEvent(text="t", id="x", metadata={"k": [1, {"n": None}]}), with_nli),
+        _build(InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI),
+    ]
+    for scored in events:
+        exclude = {"nli"} if scored.nli is None else None
+        expected = orjson.dumps(scored.model_dump(exclude=exclude), option=options)
+        assert encode_scored_event(scored) == expected
+
+
+def test_scores_outside_zero_to_one_break_the_output_contract() -> None:
+    bad = LabelScores(labels=("sports", "politics"), scores=(1.5, float("nan")), truncated=False)
+    with pytest.raises(ValueError, match="scores"):
+        _build(InputEvent(text="t"), TaggingSettings(labels=["a"]), bad)
+
+
+class _Record:
+    """The coordinates encode_output reads (InputRecord has them too)."""
+
+    topic = SOURCE.topic
+    partition = SOURCE.partition
+    offset = SOURCE.offset
+    timestamp_ms = SOURCE.timestamp
+
+
+def test_encode_output_writes_the_bytes_of_the_built_scored_event() -> None:
+    with_nli = TaggingSettings(labels=["a"], include_nli_probs=True)
+    thresholds = TaggingSettings(labels=["a"], label_thresholds={"politics": 0.4})
+    cases = [
+        (InputEvent(text="t"), TaggingSettings(labels=["a"]), SCORES, SCORED_AT),
+        (InputEvent(text="t", id="x", metadata={"k": [1, None]}), with_nli, SCORES, SCORED_AT),
+        (InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI, SCORED_AT),
+        (InputEvent(text="t"), thresholds, SCORES_WITH_NLI, datetime(2024, 5, 6, 7, 0, 0)),
+    ]
+    for event, tagging, scores, moment in cases:
+        request = to_request(event, tagging)
+        built = build_scored_event(event, request, scores, SOURCE, tagging, MODEL, moment)
+        direct = encode_output(event, request, scores, _Record(), tagging, MODEL, moment)
+        assert direct == encode_scored_event(built)
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [
+        LabelScores(labels=("a", "b"), scores=(0.5, 1.5), truncated=False),
+        LabelScores(labels=("a", "b"), scores=(0.5, float("nan")), truncated=False),
+        LabelScores(labels=("a", "b"), scores=(0.5,), truncated=False),
+        LabelScores(labels=("a", 7), scores=(0.5, 0.2), truncated=False),  # type: ignore[arg-type]
+        LabelScores(labels=("a",), scores=("high",), truncated=False),  # type: ignore[arg-type]
+    ],
+)
+def test_encode_output_refuses_scores_that_break_the_contract(scores: LabelScores) -> None:
+    tagging = TaggingSettings(labels=["a"])
+    event = InputEvent(text="t")
+    with pytest.raises(ScoresError):
+        encode_output(
+            event, to_request(event, tagging), scores, _Record(), tagging, MODEL, SCORED_AT
+        )

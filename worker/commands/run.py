@@ -5,9 +5,16 @@ Settings come from ``TAGSTREAM_*`` environment variables, an optional YAML file
 file (see :mod:`worker.config`). Every setting has a flag named after it
 (``--max-batch-size`` for ``TAGSTREAM_MAX_BATCH_SIZE``), except the secrets.
 
+Start-up, in order: logging (so that every later line, errors included, is structured),
+the settings, the start-up line with the effective settings (secrets masked), the
+``/metrics`` ``/healthz`` ``/readyz`` server (so probes get answers while the model loads),
+the topic check, the model, one warm-up batch (then ``/readyz`` only waits for the group),
+and the worker loop.
+
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a second signal cut the
-stop short, 2 for an invalid or missing setting (the message names it) or a missing
-topic, 3 when a fatal runtime error stopped the worker.
+stop short, 2 for an invalid or missing setting (the message names it), a missing topic
+or a metrics port that is taken, 3 when a fatal runtime error stopped the worker (a model
+that cannot be loaded or warmed up included).
 """
 
 from __future__ import annotations
@@ -16,22 +23,42 @@ import argparse
 import os
 import signal
 import socket
-import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, get_args
 
 import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 from worker.app import EXIT_FATAL, Worker
-from worker.config import ConfigError, RunSettings, env_name, load_run_settings, setting_names
+from worker.config import (
+    ConfigError,
+    RunSettings,
+    env_name,
+    load_observability_settings,
+    load_run_settings,
+    setting_names,
+)
 from worker.deadletter import WorkerIdentity
-from worker.kafka_client import missing_topics
-from worker.observer import Observer
+from worker.health import ObservabilityServerError
+from worker.kafka_client import security_config
+from worker.logconfig import (
+    bind_process_context,
+    configure_logging,
+    redacted_settings,
+    register_settings_secrets,
+)
+from worker.observability import Observability, start_observability
+from worker.observability_settings import ObservabilitySettings
+from worker.scorer_stage import WarmUpError, warm_up
 from worker.scoring.base import Scorer
 from worker.scoring.factory import ScorerConfigError, build_scorer
+from worker.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +94,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 class _Signals:
-    """First SIGTERM/SIGINT: graceful stop. Second: exit 1 at once, committing nothing."""
+    """First SIGTERM/SIGINT: graceful stop. Second: exit 1 at once, committing nothing.
+
+    The handler only sets flags and logs: marking the health state (a lock the interrupted
+    main thread may hold) is left to the worker loop, which notices the request within one
+    poll timeout.
+    """
 
     def __init__(self) -> None:
         self.worker: Worker | None = None
@@ -82,33 +114,42 @@ class _Signals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def attach(self, worker: Worker) -> None:
+        """Route stop requests to ``worker``, including one that arrived before it existed."""
+        self.worker = worker
+        if self.received:
+            worker.request_stop()
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.received += 1
+        name = signal.Signals(signum).name
         if self.received > 1:
-            sys.stderr.write(f"tagstream run: second {signal.Signals(signum).name}, exiting\n")
-            sys.stderr.flush()
+            log.critical(f"second {name}, exiting at once without committing", signal=name)
             os._exit(EXIT_INTERRUPTED)
-        log.info("stop requested", signal=signal.Signals(signum).name)
+        log.info("stop requested", signal=name)
         if self.worker is not None:
             self.worker.request_stop()
 
 
-def make_observer(_settings: RunSettings) -> Observer:
-    """The hooks the worker reports to; metrics plug in here."""
-    return Observer()
+class _StartUpError(Exception):
+    """Start-up cannot go on; already logged."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
-def worker_identity(settings: RunSettings, scorer: Scorer) -> WorkerIdentity:
+def worker_identity(worker_id: str, settings: RunSettings, scorer: Scorer) -> WorkerIdentity:
     info = scorer.info
     return WorkerIdentity(
         group=settings.kafka.group_id,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
+        worker=worker_id,
         model=f"{info.name}@{info.revision}",
     )
 
 
 def _usage_error(message: str) -> int:
-    sys.stderr.write(f"tagstream run: {message}\n")
+    log.error("cannot start", error=message, exit_code=EXIT_USAGE)
     return EXIT_USAGE
 
 
@@ -126,25 +167,110 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, signals: _Signals) -> int:
+    flags = _flags(args)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    bind_process_context(worker_id=worker_id)
     try:
-        settings = load_run_settings(args.config, _flags(args))
+        observability = load_observability_settings(args.config, flags)
+    except ConfigError as exc:
+        # Defaults, without reading the environment that just failed to validate.
+        configure_logging(ObservabilitySettings.model_construct())
+        return _usage_error(str(exc))
+    configure_logging(observability)
+    try:
+        settings = load_run_settings(args.config, flags)
     except ConfigError as exc:
         return _usage_error(str(exc))
+    register_settings_secrets(settings)
+    bind_process_context(group=settings.kafka.group_id)
+    log.info("worker starting", settings=redacted_settings(settings))
+    try:
+        obs = start_observability(
+            settings.observability, max_batch_size=settings.batch.max_batch_size
+        )
+    except ObservabilityServerError as exc:
+        return _usage_error(f"{env_name('metrics_port')}: {exc}")
+    try:
+        return _serve(settings, obs, worker_id, signals)
+    finally:
+        obs.close()
+
+
+def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals) -> int:
+    """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
-    missing = missing_topics(
-        kafka, [kafka.output_topic, kafka.dead_letter_topic], TOPIC_CHECK_TIMEOUT_S
+    missing = _missing_topics(
+        kafka, [kafka.output_topic, kafka.dead_letter_topic], obs.client_config()
     )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
     try:
-        scorer = build_scorer(settings.model)
-    except ScorerConfigError as exc:
-        return _usage_error(str(exc))
-    except Exception:
-        log.exception("cannot load the scorer")
-        return EXIT_FATAL
+        scorer = _load_scorer(settings, obs)
+    except _StartUpError as exc:
+        return exc.exit_code
     if signals.received:
         return 0
-    worker = Worker(settings, scorer, worker_identity(settings, scorer), make_observer(settings))
-    signals.worker = worker
+    worker = Worker(
+        settings,
+        scorer,
+        worker_identity(worker_id, settings, scorer),
+        obs.observer,
+        client_config=obs.client_config(),
+        consumer_config=obs.consumer_config(),
+    )
+    handoff = worker.handoff
+    obs.metrics.track_in_flight(lambda: handoff.in_flight)
+    signals.attach(worker)
     return worker.run()
+
+
+def _load_scorer(settings: RunSettings, obs: Observability) -> Scorer:
+    """Build the scorer, warm it up with one batch, and mark the model ready; raises
+    :class:`_StartUpError` with the exit code when that fails."""
+    started = time.monotonic()
+    try:
+        scorer = build_scorer(settings.model, include_nli_probs=settings.tagging.include_nli_probs)
+    except ScorerConfigError as exc:
+        raise _StartUpError(_usage_error(str(exc))) from exc
+    except Exception as exc:
+        log.exception("cannot load the scorer")
+        raise _StartUpError(EXIT_FATAL) from exc
+    loaded = time.monotonic()
+    obs.metrics.set_model_info(scorer.info)
+    try:
+        warm_up(scorer, settings.tagging)
+    except WarmUpError as exc:
+        log.exception("the model failed its warm-up batch")
+        raise _StartUpError(EXIT_FATAL) from exc
+    obs.health.mark_model_ready()
+    log.info(
+        "model ready",
+        model=scorer.info.name,
+        revision=scorer.info.revision,
+        device=scorer.info.device,
+        load_s=round(loaded - started, 3),
+        warm_up_s=round(time.monotonic() - loaded, 3),
+    )
+    return scorer
+
+
+def _missing_topics(
+    kafka: KafkaSettings, names: Sequence[str], client_config: Mapping[str, Any]
+) -> list[str]:
+    """Which of ``names`` the cluster does not have; an unreachable cluster is not an answer
+    (then nothing is reported missing: the worker starts and retries).
+
+    Like :func:`worker.kafka_client.missing_topics`, plus ``client_config`` (the structlog
+    log bridge): without it librdkafka writes its connection errors to stderr as raw text.
+    """
+    admin = AdminClient(
+        {**client_config, "bootstrap.servers": kafka.bootstrap_servers, **security_config(kafka)}
+    )
+    try:
+        metadata = admin.list_topics(timeout=TOPIC_CHECK_TIMEOUT_S)
+    except KafkaException as exc:
+        log.warning("cannot check the topics at start-up", error=str(exc))
+        return []
+    finally:
+        admin.poll(0)  # hands librdkafka's queued log lines to the log bridge
+    return [name for name in dict.fromkeys(names) if name not in metadata.topics]

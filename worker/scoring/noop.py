@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from worker.scoring.base import LabelScores, ModelInfo, ScoreOutcome, ScoreRequest
 from worker.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
@@ -46,6 +46,9 @@ SPECIAL_TOKENS_PER_PAIR: Final = 4
 PLACEHOLDER_CHARS: Final = 2
 # Scores are the low 16 bits of a CRC-32 over this: 65,536 distinct values in 0..1.
 SCORE_BITS: Final = 0xFFFF
+# Label sets (and templates) remembered at once; a stream uses a handful, the cap only
+# bounds memory when every event brings its own.
+CACHE_LIMIT: Final = 1024
 
 
 def _tokens(chars: int) -> int:
@@ -66,6 +69,9 @@ class NoopScorer:
         self._info = ModelInfo(
             name=NAME, revision=REVISION, scorer=NAME, device="cpu", dtype="none"
         )
+        # Per (template, labels): the hypotheses' tokens; per labels: the labels as bytes.
+        self._hypothesis_tokens: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._label_bytes: dict[tuple[str, ...], tuple[bytes, ...]] = {}
 
     @property
     def info(self) -> ModelInfo:
@@ -77,31 +83,40 @@ class NoopScorer:
 
     def estimate_tokens(self, request: ScoreRequest) -> int:
         """Per label: the text's tokens + the hypothesis' tokens + the pair's special ones."""
+        labels = request.labels
+        key = (request.hypothesis_template, labels)
+        hypotheses = self._hypothesis_tokens.get(key)
+        if hypotheses is None:
+            template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
+            hypotheses = sum(_tokens(template + len(label)) for label in labels)
+            _remember(self._hypothesis_tokens, key, hypotheses)
         text = _tokens(len(request.text)) + SPECIAL_TOKENS_PER_PAIR
-        template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
-        return sum(text + _tokens(template + len(label)) for label in request.labels)
+        return text * len(labels) + hypotheses
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         return [self._score_one(request) for request in requests]
 
-    @staticmethod
-    def _score_one(request: ScoreRequest) -> LabelScores:
-        seed = zlib.crc32(request.text.encode("utf-8", errors="surrogatepass"))
-        raw = [
-            (zlib.crc32(label.encode("utf-8", errors="surrogatepass"), seed) & SCORE_BITS)
-            / SCORE_BITS
-            for label in request.labels
-        ]
+    def _score_one(self, request: ScoreRequest) -> LabelScores:
+        labels = request.labels
+        encoded = self._label_bytes.get(labels)
+        if encoded is None:
+            encoded = tuple(label.encode("utf-8", errors="surrogatepass") for label in labels)
+            _remember(self._label_bytes, labels, encoded)
+        crc32 = zlib.crc32
+        seed = crc32(request.text.encode("utf-8", errors="surrogatepass"))
+        raw = [(crc32(label, seed) & SCORE_BITS) / SCORE_BITS for label in encoded]
         if not request.multi_label and len(raw) > 1:
             total = sum(raw)
             raw = [value / total for value in raw] if total else [1 / len(raw)] * len(raw)
-        ranked = sorted(zip(request.labels, raw, strict=True), key=_by_score, reverse=True)
+        order = sorted(range(len(raw)), key=raw.__getitem__, reverse=True)
         return LabelScores(
-            labels=tuple(label for label, _ in ranked),
-            scores=tuple(score for _, score in ranked),
+            labels=tuple([labels[i] for i in order]),
+            scores=tuple([raw[i] for i in order]),
             truncated=False,
         )
 
 
-def _by_score(pair: tuple[str, float]) -> float:
-    return pair[1]
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value

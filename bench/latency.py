@@ -1,0 +1,342 @@
+"""End-to-end latency of ``tagstream run`` under an open-loop load, against the input rate.
+
+1. The maximum: unless ``--max-rate`` gives it, a saturation run (``--calibration-events``
+   pre-produced events, the ``noop`` scenario of ``bench/pipeline.py``) measures the worker's
+   events/s with the chosen scorer.
+2. For each ``max_wait_ms`` (``--max-wait-ms``, default 5 and 50): a fresh worker on fresh
+   topics (8 partitions), then, one after the other, an open-loop producer at 25 %, 50 % and
+   75 % of the maximum (``--fractions``) for ``--seconds`` each. Open loop: event *i* is sent
+   at ``start + i / rate`` whatever the worker does, so a slow worker cannot slow the load.
+3. Latency of each event = output record timestamp - input record timestamp. Both topics
+   use LogAppendTime, so both are the broker's append times on the broker's clock: the
+   figure runs from the moment the input was in the log to the moment its scored event was
+   (just before the broker acknowledged it), and excludes the load generator's own delays.
+   The first ``--warmup-s`` of each rate are left out. p50 / p95 / p99 per rate.
+
+Prints a table, writes ``latency.json`` and ``latency.png`` (p50/p95/p99 against the rate,
+one colour per ``max_wait_ms``) to ``--out`` (default ``bench/results``).
+
+Run from the repository root: ``python bench/latency.py [--max-rate N] [--scorer noop|nli]
+[--seconds S] [--bootstrap HOST:PORT] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import orjson  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    RESULTS,
+    Topics,
+    broker,
+    check_alive,
+    event,
+    machine_info,
+    percentile,
+    print_table,
+    read_topic,
+    start_worker,
+    stop_worker,
+    worker_env,
+    write_report,
+)
+from bench.pipeline import NOOP_SCORER, Progress, WorkerRun, nli_settings, run_worker  # noqa: E402
+
+DEFAULT_FRACTIONS: Final = (0.25, 0.5, 0.75)
+# The default (50) and a tenth of it: what a latency-sensitive deployment would pick.
+DEFAULT_MAX_WAITS: Final = (5, 50)
+DEFAULT_SECONDS: Final = 20.0
+DEFAULT_WARMUP_S: Final = 3.0
+DEFAULT_CALIBRATION_EVENTS: Final = 60_000
+DEFAULT_PARTITIONS: Final = 8
+# The load generator sends what is due every millisecond.
+TICK_S: Final = 0.001
+# Input producer: a millisecond of lingering; its delay is not measured (LogAppendTime).
+LOAD_LINGER_MS: Final = 1
+# After a rate's last event: how long to wait for its outputs before moving on.
+DRAIN_TIMEOUT_S: Final = 120.0
+# Start-up: the worker joins the group and answers a first event within this.
+READY_TIMEOUT_S: Final = 180.0
+POLL_S: Final = 0.2
+PERCENTILES: Final = (0.5, 0.95, 0.99)
+
+
+@dataclass
+class Point:
+    max_wait_ms: int
+    fraction: float
+    target_rate: float
+    achieved_rate: float
+    events: int
+    measured: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass
+class Phase:
+    fraction: float
+    rate: float
+    start_ms: int
+    end_ms: int
+    sent: int
+
+
+def open_loop(producer: Producer, topic: str, rate: float, seconds: float, first: int) -> int:
+    """Send events ``first, first+1, ...`` at ``rate`` per second for ``seconds``; how many.
+
+    The events are built beforehand, so the loop only produces (the generator shares the
+    machine's CPU with the worker and the broker).
+    """
+    planned = [event(first + index) for index in range(int(rate * seconds) + 1)]
+    start = time.perf_counter()
+    sent = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+        due = min(int(elapsed * rate), len(planned))
+        while sent < due:
+            key, value = planned[sent]
+            try:
+                producer.produce(topic, value=value, key=key)
+            except BufferError:
+                producer.poll(TICK_S)
+                continue
+            sent += 1
+        producer.poll(0)
+        time.sleep(TICK_S)
+    producer.flush(DRAIN_TIMEOUT_S)
+    return sent
+
+
+def wait_for_outputs(progress: Progress, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while progress.outputs() < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"outputs stopped short of {count} after {timeout_s:.0f} s")
+        time.sleep(POLL_S)
+
+
+def run_rates(
+    bootstrap: str, max_wait_ms: int, rates: list[tuple[float, float]], args: argparse.Namespace
+) -> list[Point]:
+    """One worker with ``max_wait_ms``; each (fraction, rate) in turn; the latency points."""
+    topics = Topics.create(bootstrap, f"latency-{max_wait_ms}", args.partitions)
+    settings = {**args.scorer_settings, "TAGSTREAM_MAX_WAIT_MS": str(max_wait_ms)}
+    log_path = args.out / f"worker-latency-{max_wait_ms}.log"
+    root = args.worker_root or REPO
+    process = start_worker(worker_env(bootstrap, topics, settings, root), log_path, root)
+    progress = Progress(bootstrap, topics)
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": LOAD_LINGER_MS, "acks": "all"}
+    )
+    phases: list[Phase] = []
+    try:
+        producer.produce(topics.input, value=event(0)[1], key=event(0)[0])
+        producer.flush(READY_TIMEOUT_S)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while progress.outputs() < 1:
+            check_alive(process, log_path)
+            if time.monotonic() > deadline:
+                raise SystemExit("the worker did not answer a first event")
+            time.sleep(POLL_S)
+        total = 1
+        for fraction, rate in rates:
+            print(f"  max_wait_ms={max_wait_ms}: {rate:,.0f} events/s ...", flush=True)
+            start_ms = int(time.time() * 1000)
+            sent = open_loop(producer, topics.input, rate, args.seconds, total)
+            end_ms = int(time.time() * 1000)
+            total += sent
+            check_alive(process, log_path)
+            wait_for_outputs(progress, total, DRAIN_TIMEOUT_S)
+            phases.append(Phase(fraction, rate, start_ms, end_ms, sent))
+    finally:
+        progress.close()
+        stop_worker(process, log_path)
+    return points(bootstrap, topics, max_wait_ms, phases, args.warmup_s)
+
+
+def points(
+    bootstrap: str, topics: Topics, max_wait_ms: int, phases: list[Phase], warmup_s: float
+) -> list[Point]:
+    """Latency percentiles per phase from the output records (input timestamp in the JSON)."""
+    output = read_topic(bootstrap, topics.output, topics.partitions, keep_values=True)
+    latencies: list[list[float]] = [[] for _ in phases]
+    for timestamp, value in zip(output.timestamps, output.values, strict=True):
+        source_ms = orjson.loads(value)["source"]["timestamp"]
+        for index, phase in enumerate(phases):
+            if phase.start_ms + warmup_s * 1000 <= source_ms <= phase.end_ms:
+                latencies[index].append(float(timestamp - source_ms))
+                break
+    result = []
+    for phase, values in zip(phases, latencies, strict=True):
+        values.sort()
+        p50, p95, p99 = (percentile(values, p) for p in PERCENTILES)
+        seconds = (phase.end_ms - phase.start_ms) / 1000
+        result.append(
+            Point(
+                max_wait_ms=max_wait_ms,
+                fraction=phase.fraction,
+                target_rate=round(phase.rate, 1),
+                achieved_rate=round(phase.sent / seconds, 1),
+                events=phase.sent,
+                measured=len(values),
+                p50_ms=p50,
+                p95_ms=p95,
+                p99_ms=p99,
+                max_ms=values[-1] if values else float("nan"),
+            )
+        )
+    return result
+
+
+def plot(result: list[Point], max_rate: float, path: Path) -> Path | None:
+    """p50 / p95 / p99 latency against the input rate, one colour per max_wait_ms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot", flush=True)
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    styles = {"p50_ms": ("-", "o"), "p95_ms": ("--", "s"), "p99_ms": (":", "^")}
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+    for colour, wait in zip(colours, _waits(result), strict=False):
+        rows = sorted((p for p in result if p.max_wait_ms == wait), key=lambda p: p.target_rate)
+        rates = [p.achieved_rate for p in rows]
+        for key, (line, marker) in styles.items():
+            axes.plot(
+                rates,
+                [getattr(p, key) for p in rows],
+                linestyle=line,
+                marker=marker,
+                color=colour,
+                label=f"max_wait_ms={wait} {key[:3]}",
+            )
+    axes.set_yscale("log")
+    axes.set_xlabel(f"input rate, events/s (maximum measured: {max_rate:,.0f})")
+    axes.set_ylabel("end-to-end latency, ms (log)")
+    axes.set_title("tagstream run: input append -> output append (LogAppendTime)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _waits(result: list[Point]) -> list[int]:
+    return list(dict.fromkeys(p.max_wait_ms for p in result))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    def numbers(kind: type) -> Any:
+        return lambda value: [kind(v) for v in value.split(",") if v.strip()]
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-rate", type=float, default=None, help="skip the calibration")
+    parser.add_argument("--calibration-events", type=int, default=DEFAULT_CALIBRATION_EVENTS)
+    parser.add_argument("--fractions", type=numbers(float), default=list(DEFAULT_FRACTIONS))
+    parser.add_argument("--max-wait-ms", type=numbers(int), default=list(DEFAULT_MAX_WAITS))
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help="per rate")
+    parser.add_argument("--warmup-s", type=float, default=DEFAULT_WARMUP_S)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    parser.add_argument("--scorer", choices=("noop", "nli"), default="noop")
+    parser.add_argument("--bootstrap", default=None, help="reuse this broker (host:port)")
+    parser.add_argument("--worker-root", type=Path, default=None, help="another checkout")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    result: list[Point] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="tagstream-bench-") as scratch,
+        broker(args.bootstrap) as bootstrap,
+    ):
+        if args.scorer == "noop":
+            args.scorer_settings = {"TAGSTREAM_SCORER": NOOP_SCORER}
+        else:
+            args.scorer_settings = nli_settings(Path(scratch), {})
+        max_rate = args.max_rate
+        if max_rate is None:
+            print(f"calibration: {args.calibration_events:,} events, saturated", flush=True)
+            run = WorkerRun(
+                f"latency-max-{args.scorer}",
+                args.calibration_events,
+                args.scorer_settings,
+                root=args.worker_root or REPO,
+            )
+            max_rate = run_worker(bootstrap, args.partitions, run, args.out).events_per_s
+            print(f"  maximum: {max_rate:,.0f} events/s", flush=True)
+        rates = [(fraction, fraction * max_rate) for fraction in args.fractions]
+        for wait in args.max_wait_ms:
+            result.extend(run_rates(bootstrap, wait, rates, args))
+    print(f"\nend-to-end latency, ms (maximum rate {max_rate:,.0f} events/s, {args.scorer})")
+    print_table(
+        ["max_wait_ms", "% of max", "rate", "achieved", "measured", "p50", "p95", "p99", "max"],
+        [
+            [
+                p.max_wait_ms,
+                f"{p.fraction:.0%}",
+                p.target_rate,
+                p.achieved_rate,
+                p.measured,
+                p.p50_ms,
+                p.p95_ms,
+                p.p99_ms,
+                p.max_ms,
+            ]
+            for p in result
+        ],
+    )
+    picture = plot(result, max_rate, args.out / "latency.png")
+    path = write_report(
+        args.out,
+        "latency",
+        {
+            "machine": machine,
+            "settings": {
+                "scorer": args.scorer,
+                "max_rate": max_rate,
+                "max_rate_source": "--max-rate" if args.max_rate else "calibration run",
+                "fractions": args.fractions,
+                "max_wait_ms": args.max_wait_ms,
+                "seconds_per_rate": args.seconds,
+                "warmup_s": args.warmup_s,
+                "partitions": args.partitions,
+                "timestamps": "LogAppendTime on input and output topics",
+                "worker_root": str(args.worker_root or REPO),
+                "command": sys.argv,
+            },
+            "points": [asdict(p) for p in result],
+            "plot": str(picture) if picture else None,
+        },
+    )
+    print(f"wrote {path}" + (f" and {picture}" if picture else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

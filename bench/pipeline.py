@@ -1,0 +1,621 @@
+"""Throughput of ``tagstream run`` against the Kafka ceiling, on a real local broker.
+
+Three scenarios, each on fresh topics (8 partitions) filled with small events *before* it
+starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id):
+
+* ``ceiling``: a plain confluent-kafka loop in this process that consumes each record and
+  produces it unchanged to the output topic: the most any consume-produce pipeline in
+  Python gets from this broker on this machine. For fairness it uses the worker's own
+  client settings (``worker.kafka_client.consumer_config`` / ``producer_config``: manual
+  commits, idempotent producer, ``acks=all``, ``linger.ms=5``), the worker's poll size
+  (``consume(500)``) and commit interval (1 s, asynchronous, of acknowledged offsets).
+* ``noop``: ``tagstream run`` as a subprocess with ``worker.scoring.noop:NoopScorer``:
+  every step of the worker, no model work. Goal: noop / ceiling >= 0.5.
+* ``nli``: ``tagstream run`` with the tiny 2+2-layer NLI model of the tests (CPU, float32;
+  ``--nli-events``, default 20,000, because the model is the bottleneck there).
+
+The worker runs with its default settings (``max_batch_size`` 64, ``max_wait_ms`` 50,
+2 batches in flight, commits every second) and 4 default labels, unless ``--set`` says
+otherwise.
+
+Measured: events/s = (outputs - 1) / (last - first output timestamp). The output topic
+uses LogAppendTime, so that is the span from the first record the broker appended (a
+batch after the first input was consumed) to the last one it appended (just before it
+acknowledged it). Each run then waits until the group's committed offsets reach the input's
+log end; ``to_commit_s`` is the time from the first output to that moment (checked twice a
+second). Outputs are counted, and for the worker checked for duplicates and dead letters.
+
+``--profile`` attaches py-spy to the ``noop`` worker and prints where its CPU time goes
+(per function, self and inclusive, all threads); the raw stacks go to the results folder.
+
+Run from the repository root: ``python bench/pipeline.py [--events N] [--scenarios
+ceiling,noop,nli] [--bootstrap HOST:PORT] [--out DIR] [--profile]``. It starts (and stops)
+its own broker on free ports unless ``--bootstrap`` names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # bench.common, tests.support.models, worker
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    ADMIN_TIMEOUT_S,
+    RESULTS,
+    Topics,
+    broker,
+    check_alive,
+    machine_info,
+    print_table,
+    produce_input,
+    read_topic,
+    start_worker,
+    stop_worker,
+    worker_env,
+    write_report,
+)
+from worker.app import POLL_MAX_RECORDS  # noqa: E402
+from worker.kafka_client import consumer_config, producer_config  # noqa: E402
+from worker.settings import DEFAULT_COMMIT_INTERVAL_MS, KafkaSettings  # noqa: E402
+
+SCENARIOS: Final = ("ceiling", "noop", "nli")
+DEFAULT_EVENTS: Final = 200_000
+# The tiny NLI model scores ~1-3k events/s on 2 cores: 20k events keep that run near 10-20 s.
+DEFAULT_NLI_EVENTS: Final = 20_000
+DEFAULT_PARTITIONS: Final = 8
+NOOP_SCORER: Final = "worker.scoring.noop:NoopScorer"
+# Ceiling loop: poll timeout while waiting for input, as the worker's idle poll.
+CEILING_POLL_S: Final = 0.1
+# A run that makes no progress for this long has failed (broker or worker stuck).
+STALL_TIMEOUT_S: Final = 120.0
+# Progress and completion checks while a worker runs.
+PROGRESS_EVERY_S: Final = 0.5
+PRINT_EVERY_S: Final = 10.0
+# py-spy: samples per second (low enough not to slow the worker noticeably; --nonblocking
+# reads the stacks without stopping the process).
+PROFILE_RATE_HZ: Final = 97
+PROFILE_TOP: Final = 30
+
+
+@dataclass
+class Result:
+    scenario: str
+    events: int
+    outputs: int
+    dead_letters: int
+    duplicates: int | None
+    span_s: float
+    events_per_s: float
+    to_commit_s: float | None
+    exit_code: int | None
+    # CPU seconds (user + system, all threads) the consume-produce process spent per event
+    # while outputs were being written: robust to other work sharing the machine.
+    cpu_us_per_event: float | None = None
+    note: str = ""
+
+
+# -- (a) the Kafka ceiling -----------------------------------------------------------------
+
+
+class CeilingLoop:
+    """Consume, produce unchanged, commit acknowledged offsets: nothing else.
+
+    Committing ``max acknowledged offset + 1`` per input partition is correct here because
+    every record of an input partition goes to one output partition (the same keys and the
+    same partition count), where the idempotent producer acknowledges in order.
+    """
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        kafka = KafkaSettings(
+            bootstrap_servers=bootstrap,
+            input_topics=[topics.input],
+            output_topic=topics.output,
+            group_id=topics.group,
+            client_id="bench-ceiling",
+        )
+        self.topics = topics
+        self.consumer = Consumer(consumer_config(kafka))
+        self.producer = Producer(producer_config(kafka))
+        self.acked: dict[int, int] = {}
+        self.done = 0
+        self.failed: list[str] = []
+
+    def _delivered(self, partition: int, offset: int, error: KafkaError | None, _msg: Any) -> None:
+        if error is not None:
+            self.failed.append(error.str())
+            return
+        self.done += 1
+        if offset >= self.acked.get(partition, -1):
+            self.acked[partition] = offset + 1
+
+    def _commit(self, *, wait: bool) -> None:
+        if not self.acked:
+            return
+        offsets = [TopicPartition(self.topics.input, p, o) for p, o in self.acked.items()]
+        if wait:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        else:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def run(self, events: int) -> tuple[float, float]:
+        """Until every event is acknowledged; (first consumed, last acknowledged) times."""
+        self.consumer.subscribe([self.topics.input])
+        out = self.topics.output
+        interval = DEFAULT_COMMIT_INTERVAL_MS / 1000
+        next_commit = time.monotonic() + interval
+        first: float | None = None
+        last_progress, last_done = time.monotonic(), 0
+        while self.done < events:
+            messages = self.consumer.consume(POLL_MAX_RECORDS, CEILING_POLL_S)
+            if messages and first is None:
+                first = time.time()
+            for message in messages:
+                partition, offset = message.partition(), message.offset()
+                if message.error() is not None or partition is None or offset is None:
+                    continue
+                callback = functools.partial(self._delivered, partition, offset)
+                while True:
+                    try:
+                        self.producer.produce(
+                            out,
+                            value=message.value(),
+                            key=message.key(),
+                            headers=message.headers(),
+                            on_delivery=callback,
+                        )
+                        break
+                    except BufferError:
+                        self.producer.poll(0.01)
+            self.producer.poll(0)
+            now = time.monotonic()
+            if now >= next_commit:
+                next_commit = now + interval
+                self._commit(wait=False)
+            if self.done != last_done:
+                last_progress, last_done = now, self.done
+            elif now - last_progress > STALL_TIMEOUT_S or self.failed:
+                raise SystemExit(f"ceiling loop stalled at {self.done}: {self.failed[:3]}")
+        last = time.time()
+        self._commit(wait=True)
+        self.consumer.close()
+        self.producer.flush(ADMIN_TIMEOUT_S)
+        return first or last, last
+
+
+def run_ceiling(bootstrap: str, events: int, partitions: int) -> Result:
+    topics = Topics.create(bootstrap, "ceiling", partitions)
+    seconds = produce_input(bootstrap, topics.input, events)
+    print(f"  {events:,} input events written in {seconds:.1f} s", flush=True)
+    cpu_before = time.process_time()
+    first, last = CeilingLoop(bootstrap, topics).run(events)
+    cpu = time.process_time() - cpu_before
+    committed = time.time()
+    output = read_topic(bootstrap, topics.output, partitions)
+    result = _result(
+        "ceiling",
+        events,
+        output.timestamps,
+        dead_letters=0,
+        duplicates=None,
+        committed_wall=committed,
+        exit_code=None,
+    )
+    result.cpu_us_per_event = round(cpu / events * 1e6, 2)
+    result.note = (
+        f"in-process clock: first consumed -> last acknowledged {last - first:.2f} s, "
+        f"{(events - 1) / (last - first):,.0f} events/s"
+    )
+    return result
+
+
+# -- (b), (c) the worker -------------------------------------------------------------------
+
+
+class Progress:
+    """Watches a run from outside: output count, committed offsets of the group."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.topics = topics
+        self._peek = Consumer({"bootstrap.servers": bootstrap, "group.id": topics.group})
+        self._input_ends: dict[int, int] | None = None
+
+    def _ends(self, topic: str) -> dict[int, int]:
+        """Log end offsets; retried while a new topic's leaders are still being elected."""
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while True:
+            try:
+                return {
+                    p: self._peek.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=ADMIN_TIMEOUT_S, cached=False
+                    )[1]
+                    for p in range(self.topics.partitions)
+                }
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(PROGRESS_EVERY_S)
+
+    def outputs(self) -> int:
+        return sum(self._ends(self.topics.output).values())
+
+    def committed_at_end(self) -> bool:
+        if self._input_ends is None:
+            self._input_ends = self._ends(self.topics.input)
+        partitions = [TopicPartition(self.topics.input, p) for p in range(self.topics.partitions)]
+        committed = self._peek.committed(partitions, timeout=ADMIN_TIMEOUT_S)
+        return all(tp.offset == self._input_ends[tp.partition] for tp in committed)
+
+    def close(self) -> None:
+        self._peek.close()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_worker(
+    progress: Progress, process: subprocess.Popen[bytes], log_path: Path, events: int
+) -> tuple[float, float | None]:
+    """Until the group's committed offsets reach the input's end; the wall time then, and
+    the worker's CPU µs per event from its first outputs to then."""
+    last_change, last_count, last_print = time.monotonic(), -1, 0.0
+    cpu_start: tuple[float, int] | None = None
+    while True:
+        check_alive(process, log_path)
+        count = progress.outputs()
+        now = time.monotonic()
+        if cpu_start is None and count > 0:
+            cpu_start = (process_cpu_s(process.pid), count)
+        if count >= events and progress.committed_at_end():
+            cpu_us = None
+            if cpu_start is not None and count > cpu_start[1]:
+                spent = process_cpu_s(process.pid) - cpu_start[0]
+                cpu_us = round(spent / (count - cpu_start[1]) * 1e6, 2)
+            return time.time(), cpu_us
+        if count != last_count:
+            last_change, last_count = now, count
+        elif now - last_change > STALL_TIMEOUT_S:
+            raise SystemExit(f"no progress for {STALL_TIMEOUT_S:.0f} s at {count} outputs")
+        if now - last_print >= PRINT_EVERY_S:
+            last_print = now
+            print(f"    {count:,} / {events:,} outputs", flush=True)
+        time.sleep(PROGRESS_EVERY_S)
+
+
+@dataclass(frozen=True)
+class WorkerRun:
+    """One ``tagstream run`` scenario: its name, input size and worker settings."""
+
+    scenario: str
+    events: int
+    settings: dict[str, str]
+    profile_to: Path | None = None
+    # The checkout whose worker runs (--worker-root, to compare two versions).
+    root: Path = REPO
+
+
+def run_worker(bootstrap: str, partitions: int, run: WorkerRun, logs: Path) -> Result:
+    topics = Topics.create(bootstrap, run.scenario, partitions)
+    seconds = produce_input(bootstrap, topics.input, run.events)
+    print(f"  {run.events:,} input events written in {seconds:.1f} s", flush=True)
+    log_path = logs / f"worker-{run.scenario}.log"
+    env = worker_env(bootstrap, topics, run.settings, run.root)
+    process = start_worker(env, log_path, run.root)
+    profiler = None if run.profile_to is None else _attach_profiler(process.pid, run.profile_to)
+    progress = Progress(bootstrap, topics)
+    try:
+        committed, cpu_us = wait_for_worker(progress, process, log_path, run.events)
+    finally:
+        progress.close()
+        if profiler is not None:
+            _detach_profiler(profiler)
+        code = stop_worker(process, log_path)
+    output = read_topic(bootstrap, topics.output, partitions)
+    dead = read_topic(bootstrap, topics.dead_letter, 1)
+    result = _result(
+        run.scenario,
+        run.events,
+        output.timestamps,
+        dead_letters=dead.count,
+        duplicates=output.count - len(output.coordinates),
+        committed_wall=committed,
+        exit_code=code,
+    )
+    result.cpu_us_per_event = cpu_us
+    return result
+
+
+def _result(
+    scenario: str,
+    events: int,
+    timestamps: list[int],
+    *,
+    dead_letters: int,
+    duplicates: int | None,
+    committed_wall: float,
+    exit_code: int | None,
+) -> Result:
+    first, last = min(timestamps), max(timestamps)
+    span = (last - first) / 1000
+    return Result(
+        scenario=scenario,
+        events=events,
+        outputs=len(timestamps),
+        dead_letters=dead_letters,
+        duplicates=duplicates,
+        span_s=round(span, 3),
+        events_per_s=round((len(timestamps) - 1) / span, 1) if span > 0 else float("nan"),
+        to_commit_s=round(committed_wall - first / 1000, 2),
+        exit_code=exit_code,
+    )
+
+
+# -- profiling -----------------------------------------------------------------------------
+
+
+def _attach_profiler(pid: int, raw_path: Path) -> subprocess.Popen[bytes]:
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
+    command = [
+        str(py_spy),
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(PROFILE_RATE_HZ),
+        "--nonblocking",
+        "--function",
+        "--threads",
+        "--format",
+        "raw",
+        "--output",
+        str(raw_path),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _detach_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    profiler.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+    try:
+        profiler.wait(60)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+
+
+def _frame_name(frame: str) -> str:
+    """``encode_scored_event (worker/tagging.py:230)`` -> short, path from site-packages."""
+    name, _, where = frame.partition(" (")
+    where = where.rstrip(")")
+    for marker in ("site-packages/", str(REPO) + "/"):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+    return f"{name} ({where})" if where else name
+
+
+def summarize_profile(raw_path: Path, top: int = PROFILE_TOP) -> dict[str, Any]:
+    """Self and inclusive sample shares per function, and per thread, from py-spy's raw
+    (collapsed-stack) output."""
+    self_counts: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread, frames = frames[0], [_frame_name(f) for f in frames[1:]]
+        total += count
+        threads[thread] += count
+        if frames:
+            self_counts[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def share(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(100 * n / total, 2)) for name, n in counter.most_common(top)]
+
+    return {
+        "samples": total,
+        "rate_hz": PROFILE_RATE_HZ,
+        "threads_percent": share(threads),
+        "self_percent": share(self_counts),
+        "inclusive_percent": share(inclusive),
+    }
+
+
+def print_profile(summary: dict[str, Any]) -> None:
+    print(f"\nprofile of the noop worker: {summary['samples']} samples (on-CPU, all threads)")
+    for title, key in (("thread", "threads_percent"), ("self", "self_percent")):
+        print(f"\n{title:>8} %  function")
+        for name, percent in summary[key]:
+            print(f"{percent:10.2f}  {name}")
+    print("\ninclusive %  function")
+    for name, percent in summary["inclusive_percent"]:
+        print(f"{percent:10.2f}  {name}")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def tiny_nli_model(directory: Path) -> Path:
+    from tests.support.models import build_tiny_bart
+
+    return build_tiny_bart(directory / "tiny-bart")
+
+
+def nli_settings(scratch: Path, extra: dict[str, str]) -> dict[str, str]:
+    return {
+        "TAGSTREAM_SCORER": "nli",
+        "TAGSTREAM_MODEL": str(tiny_nli_model(scratch)),
+        "TAGSTREAM_DEVICE": "cpu",
+        "TAGSTREAM_DTYPE": "float32",
+        **extra,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    def scenarios(value: str) -> list[str]:
+        chosen = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(chosen) - set(SCENARIOS))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown scenario(s): {', '.join(unknown)}")
+        return chosen
+
+    def setting(value: str) -> tuple[str, str]:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError("expected NAME=VALUE, e.g. max_batch_size=128")
+        return f"TAGSTREAM_{key.upper()}", val
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=DEFAULT_EVENTS)
+    parser.add_argument("--nli-events", type=int, default=DEFAULT_NLI_EVENTS)
+    parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    parser.add_argument("--scenarios", type=scenarios, default=list(SCENARIOS))
+    parser.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a worker setting for the noop and nli runs, e.g. max_batch_size=128",
+    )
+    parser.add_argument("--bootstrap", default=None, help="reuse this broker (host:port)")
+    parser.add_argument("--profile", action="store_true", help="py-spy the noop worker")
+    parser.add_argument(
+        "--worker-root",
+        type=Path,
+        default=None,
+        help="run the worker package of this checkout (to compare two versions)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder ({RESULTS})")
+    parser.add_argument("--name", default="pipeline", help="results file name (no .json)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(args.set)
+    machine = machine_info()
+    results: list[Result] = []
+    profile: dict[str, Any] | None = None
+    with (
+        tempfile.TemporaryDirectory(prefix="tagstream-bench-") as scratch,
+        broker(args.bootstrap) as bootstrap,
+    ):
+        root = args.worker_root or REPO
+        profile_to = out / "profile-noop.raw" if args.profile else None
+        noop = {"TAGSTREAM_SCORER": NOOP_SCORER, **extra}
+        runs: dict[str, Callable[[], Result]] = {
+            "ceiling": lambda: run_ceiling(bootstrap, args.events, args.partitions),
+            "noop": lambda: run_worker(
+                bootstrap,
+                args.partitions,
+                WorkerRun("noop", args.events, noop, profile_to, root),
+                out,
+            ),
+            "nli": lambda: run_worker(
+                bootstrap,
+                args.partitions,
+                WorkerRun("nli", args.nli_events, nli_settings(Path(scratch), extra), None, root),
+                out,
+            ),
+        }
+        for scenario in args.scenarios:
+            print(f"\n[{scenario}]", flush=True)
+            result = runs[scenario]()
+            results.append(result)
+            print(
+                f"  {result.events_per_s:,.0f} events/s over {result.span_s:.2f} s "
+                f"({result.outputs:,} outputs) {result.note}",
+                flush=True,
+            )
+    if args.profile and (out / "profile-noop.raw").exists():
+        profile = summarize_profile(out / "profile-noop.raw")
+        print_profile(profile)
+    by_name = {r.scenario: r for r in results}
+    ratio = None
+    if "ceiling" in by_name and "noop" in by_name:
+        ratio = round(by_name["noop"].events_per_s / by_name["ceiling"].events_per_s, 3)
+    print()
+    print_table(
+        [
+            "scenario",
+            "events",
+            "events/s",
+            "span s",
+            "to commit s",
+            "CPU µs/event",
+            "dead",
+            "dupes",
+            "exit",
+        ],
+        [
+            [
+                r.scenario,
+                r.outputs,
+                r.events_per_s,
+                r.span_s,
+                r.to_commit_s,
+                r.cpu_us_per_event,
+                r.dead_letters,
+                r.duplicates,
+                r.exit_code,
+            ]
+            for r in results
+        ],
+    )
+    if ratio is not None:
+        print(f"\nnoop / ceiling = {ratio:.3f} (goal >= 0.5)")
+    load = os.getloadavg()
+    path = write_report(
+        args.out,
+        args.name,
+        {
+            "machine": machine,
+            "load_average_at_end": list(load),
+            "settings": {
+                "events": args.events,
+                "nli_events": args.nli_events,
+                "partitions": args.partitions,
+                "worker_settings": extra or "defaults",
+                "labels_per_event": 4,
+                "timestamps": "LogAppendTime on the output topic",
+                "bootstrap": "reused" if args.bootstrap else "own broker",
+                "worker_root": str(args.worker_root or REPO),
+                "command": sys.argv,
+            },
+            "results": [asdict(r) for r in results],
+            "noop_over_ceiling": ratio,
+            "profile": profile,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
