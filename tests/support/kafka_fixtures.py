@@ -81,6 +81,15 @@ class KafkaCluster:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+# What `kafkactl up` printed (address and start-up time), shown in the terminal summary.
+_STARTUP_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _STARTUP_LINES:
+        terminalreporter.write_line(f"local broker: {line}")
+
+
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     existing = os.environ.get(BOOTSTRAP_ENV)
@@ -99,7 +108,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     if result.returncode != 0:
         pytest.fail(f"local Kafka broker did not start:\n{result.stdout}\n{result.stderr}")
     cluster.startup_output = result.stdout.strip()
-    print(f"\n{cluster.startup_output}")
+    _STARTUP_LINES.append(cluster.startup_output.splitlines()[-1])
     try:
         yield cluster
     finally:
