@@ -189,9 +189,12 @@ class Handoff:
         timeout (or once closed). Lets the main thread wait for the model without taking
         more input (which would mean pausing the consumer; see :mod:`worker.app`)."""
         with self._condition:
-            return self._condition.wait_for(
-                lambda: self._in_flight < self.limit or self._closed, timeout=timeout_s
-            ) and not self._closed
+            return (
+                self._condition.wait_for(
+                    lambda: self._in_flight < self.limit or self._closed, timeout=timeout_s
+                )
+                and not self._closed
+            )
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no batch is in flight; False on timeout."""
