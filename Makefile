@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KAFKACTL := $(PYTHON) dev/kafka/kafkactl.py
 PYTEST_ARGS ?=
 
-PHONY_EXTRA := tools deploy-check
+PHONY_EXTRA := tools deploy-check bench-setup bench-scorer bench-pipeline bench-latency
 .PHONY: $(PHONY_EXTRA) setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
 
 ## setup: create .venv and install tagstream with its test and dev extras (no-op when unchanged)
@@ -64,8 +64,20 @@ schemas: setup
 demo: setup kafka-up
 	$(PY) dev/demo.py
 
-bench: setup
-	$(PY) bench/scorer.py
+## bench: every CPU benchmark (about 15 minutes on 2 cores); results in bench/results/
+bench: bench-scorer bench-pipeline bench-latency
+
+bench-setup: setup
+	$(PY) -m pip install --quiet -e '.[test,dev,bench]'
+
+bench-scorer: bench-setup
+	$(PY) bench/scorer.py --out bench/results/scorer.json
+
+bench-pipeline: bench-setup
+	$(PY) bench/pipeline.py
+
+bench-latency: bench-setup
+	$(PY) bench/latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -66,6 +66,11 @@ POLL_IDLE_TIMEOUT_S: Final = 0.1
 # Poll timeout while a closed batch waits for room in the inference queue, so it is handed
 # over soon after the model finishes one.
 POLL_WAITING_TIMEOUT_S: Final = 0.005
+# A closed batch that has waited this long for the model pauses the input, so the loop
+# can poll (group membership, rebalances) without taking records. Shorter waits are
+# absorbed without pausing: a pause drops librdkafka's prefetched records and the resume
+# costs a fetch round trip of up to fetch.wait.max.ms (500 ms).
+BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
 # How often a revoke or a shutdown checks whether in-flight work is acknowledged.
 DRAIN_POLL_S: Final = 0.05
 # A fatal stop still waits this long for acknowledgements that are already on their way.
@@ -140,6 +145,7 @@ class Worker:
         self._commit_interval_s = settings.delivery.commit_interval_ms / 1000
         self._next_commit = time.monotonic() + self._commit_interval_s
         self._stop_requested = False
+        self._blocked_since: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -165,8 +171,13 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
-        records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
-        self.accept(records)
+        if self.batcher.ready and not self.consumer.paused:
+            # Closed batches wait for the model: wait for room instead of taking more
+            # input (librdkafka's prefetch queue holds it, bounded by its own limits).
+            self.handoff.wait_for_room(POLL_WAITING_TIMEOUT_S)
+        else:
+            records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
+            self.accept(records)
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
@@ -246,10 +257,13 @@ class Worker:
                 reason=str(batch.reason),
                 in_flight=in_flight,
             )
-        if ready:
-            self.consumer.pause("inference queue full")
-        else:
+        if not ready:
+            self._blocked_since = None
             self.consumer.resume()
+        elif self._blocked_since is None:
+            self._blocked_since = time.monotonic()
+        elif time.monotonic() - self._blocked_since >= BACKPRESSURE_PAUSE_AFTER_S:
+            self.consumer.pause("inference queue full")
 
     def commit_if_due(self) -> None:
         """Every ``commit_interval_ms``: commit the partitions whose position moved."""

@@ -104,7 +104,12 @@ class InputConsumer:
     def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
         """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
         records: list[InputRecord] = []
-        for message in self._consumer.consume(num_messages=max_records, timeout=timeout_s):
+        # consume() waits until it has max_records or the timeout passed: wait for the first
+        # record only, then take what is already there.
+        messages = self._consumer.consume(num_messages=1, timeout=timeout_s)
+        if messages and max_records > 1:
+            messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
+        for message in messages:
             error = message.error()
             if error is None:
                 records.append(InputRecord.from_message(message))

@@ -31,7 +31,7 @@ from worker.observer import Observer
 from worker.producer import AbandonHook, Outbound, ProducerStage, abandon_as_revoked
 from worker.scoring.base import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
 from worker.settings import TaggingSettings
-from worker.tagging import build_scored_event, encode_scored_event
+from worker.tagging import encode_output
 
 log = structlog.get_logger(__name__)
 
@@ -221,13 +221,12 @@ class InferenceStage:
         self._producer.dead_letter(item.origin, failure)
 
     def _encode(self, item: PendingEvent, scores: LabelScores, scored_at: datetime) -> bytes:
-        scored = build_scored_event(
+        return encode_output(
             item.event,
             item.request,
             scores,
-            source_of(item),
+            item.origin.record,
             self._tagging,
             self._scorer.info,
             scored_at,
         )
-        return encode_scored_event(scored)

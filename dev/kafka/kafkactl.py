@@ -123,8 +123,15 @@ def render_properties(
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID, base64url without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: a random UUID, base64url without padding (22 chars).
+
+    Ids starting with '-' are drawn again: StorageTool's argument parser would read one as
+    an option (about 1 id in 64).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 # --- the Kafka wire protocol, just enough for one Metadata request --------------------------

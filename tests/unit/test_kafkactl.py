@@ -81,6 +81,17 @@ def test_same_broker_and_controller_port_is_refused(kafkactl: ModuleType) -> Non
         kafkactl.config_from(argparse.Namespace(port=1, controller_port=1, data_dir="/tmp/x"))
 
 
+def test_cluster_ids_never_look_like_an_option(
+    kafkactl: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    # b"\xf8..." encodes to an id starting with '-'; the next draw is a normal one.
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(kafkactl.uuid, "uuid4", lambda: next(draws))
+    assert not kafkactl.new_cluster_id().startswith("-")
+
+
 def test_cluster_ids_are_fresh_base64url_uuids(kafkactl: ModuleType) -> None:
     import base64
 
@@ -118,9 +129,22 @@ def test_nothing_listening_is_not_ready(kafkactl: ModuleType) -> None:
 def test_missing_java_names_what_to_install(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "up", "--port", "29991", "--controller-port", "29992",
-         "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, env=env, check=False, timeout=60,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "up",
+            "--port",
+            "29991",
+            "--controller-port",
+            "29992",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
     )
     assert result.returncode != 0
     assert "'java' not found" in result.stderr
@@ -129,9 +153,21 @@ def test_missing_java_names_what_to_install(tmp_path: Path) -> None:
 
 def test_status_of_a_stopped_broker_is_non_zero(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "status", "--port", "29993", "--controller-port", "29994",
-         "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, check=False, timeout=60,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "status",
+            "--port",
+            "29993",
+            "--controller-port",
+            "29994",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "stopped" in result.stdout
