@@ -66,11 +66,11 @@ POLL_IDLE_TIMEOUT_S: Final = 0.1
 # Poll timeout while a closed batch waits for room in the inference queue, so it is handed
 # over soon after the model finishes one.
 POLL_WAITING_TIMEOUT_S: Final = 0.005
-# A closed batch that has waited this long for the model pauses the input, so the loop
-# can poll (group membership, rebalances) without taking records. Shorter waits are
-# absorbed without pausing: a pause drops librdkafka's prefetched records and the resume
-# costs a fetch round trip of up to fetch.wait.max.ms (500 ms).
+# Closed batches that have waited this long for the model pause the input: the model is
+# slower than the input, not merely busy with the previous batch.
 BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
+# Bound on records held in closed batches while the model is busy (x max_batch_size events).
+MAX_WAITING_BATCHES: Final = 16
 # How often a revoke or a shutdown checks whether in-flight work is acknowledged.
 DRAIN_POLL_S: Final = 0.05
 # A fatal stop still waits this long for acknowledgements that are already on their way.
@@ -171,13 +171,8 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
-        if self.batcher.ready and not self.consumer.paused:
-            # Closed batches wait for the model: wait for room instead of taking more
-            # input (librdkafka's prefetch queue holds it, bounded by its own limits).
-            self.handoff.wait_for_room(POLL_WAITING_TIMEOUT_S)
-        else:
-            records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
-            self.accept(records)
+        records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
+        self.accept(records)
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
@@ -257,12 +252,26 @@ class Worker:
                 reason=str(batch.reason),
                 in_flight=in_flight,
             )
-        if not ready:
+        self._apply_backpressure(len(ready))
+
+    def _apply_backpressure(self, waiting_batches: int) -> None:
+        """Pause the input only when the model really falls behind.
+
+        Closed batches waiting for room are normal between two model calls; pausing at once
+        would make librdkafka drop its prefetched records and refetch them on resume (a round
+        trip of up to fetch.wait.max.ms each time). So the loop keeps polling (which also
+        serves rebalances and group heartbeats) and pauses only once batches have waited
+        ``BACKPRESSURE_PAUSE_AFTER_S`` or ``MAX_WAITING_BATCHES`` of them have piled up.
+        """
+        if waiting_batches == 0:
             self._blocked_since = None
             self.consumer.resume()
-        elif self._blocked_since is None:
-            self._blocked_since = time.monotonic()
-        elif time.monotonic() - self._blocked_since >= BACKPRESSURE_PAUSE_AFTER_S:
+            return
+        now = time.monotonic()
+        if self._blocked_since is None:
+            self._blocked_since = now
+        waited = now - self._blocked_since
+        if waited >= BACKPRESSURE_PAUSE_AFTER_S or waiting_batches >= MAX_WAITING_BATCHES:
             self.consumer.pause("inference queue full")
 
     def commit_if_due(self) -> None:
