@@ -8,7 +8,7 @@ producer with ``acks=all``) live in one place and cannot be overridden by extra 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
 import structlog
@@ -215,13 +215,30 @@ def describe_partitions(keys: Sequence[PartitionKey]) -> list[str]:
     return [f"{topic}[{partition}]" for topic, partition in sorted(keys)]
 
 
-def missing_topics(kafka: KafkaSettings, names: Sequence[str], timeout_s: float) -> list[str]:
+def missing_topics(
+    kafka: KafkaSettings,
+    names: Sequence[str],
+    timeout_s: float,
+    client_config: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Which of ``names`` the cluster does not have. An unreachable cluster is not an
-    answer: then nothing is reported missing (the worker starts and retries)."""
-    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers, **security_config(kafka)})
+    answer: then nothing is reported missing (the worker starts and retries).
+
+    ``client_config``: extra librdkafka settings such as the structlog log bridge; without
+    it librdkafka writes its connection errors to stderr as raw text.
+    """
+    admin = AdminClient(
+        {
+            **(client_config or {}),
+            "bootstrap.servers": kafka.bootstrap_servers,
+            **security_config(kafka),
+        }
+    )
     try:
         metadata = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
         log.warning("cannot check the topics at start-up", error=str(exc))
         return []
+    finally:
+        admin.poll(0)  # hands librdkafka's queued log lines to the log bridge
     return [name for name in dict.fromkeys(names) if name not in metadata.topics]

@@ -24,14 +24,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, get_args
 
 import structlog
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
@@ -46,7 +43,7 @@ from worker.config import (
 )
 from worker.deadletter import WorkerIdentity
 from worker.health import ObservabilityServerError
-from worker.kafka_client import security_config
+from worker.kafka_client import missing_topics
 from worker.logconfig import (
     bind_process_context,
     configure_logging,
@@ -58,7 +55,6 @@ from worker.observability_settings import ObservabilitySettings
 from worker.scorer_stage import WarmUpError, warm_up
 from worker.scoring.base import Scorer
 from worker.scoring.factory import ScorerConfigError, build_scorer
-from worker.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 
@@ -199,8 +195,11 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
 def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals) -> int:
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
-    missing = _missing_topics(
-        kafka, [kafka.output_topic, kafka.dead_letter_topic], obs.client_config()
+    missing = missing_topics(
+        kafka,
+        [kafka.output_topic, kafka.dead_letter_topic],
+        TOPIC_CHECK_TIMEOUT_S,
+        obs.client_config(),
     )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
@@ -252,25 +251,3 @@ def _load_scorer(settings: RunSettings, obs: Observability) -> Scorer:
         warm_up_s=round(time.monotonic() - loaded, 3),
     )
     return scorer
-
-
-def _missing_topics(
-    kafka: KafkaSettings, names: Sequence[str], client_config: Mapping[str, Any]
-) -> list[str]:
-    """Which of ``names`` the cluster does not have; an unreachable cluster is not an answer
-    (then nothing is reported missing: the worker starts and retries).
-
-    Like :func:`worker.kafka_client.missing_topics`, plus ``client_config`` (the structlog
-    log bridge): without it librdkafka writes its connection errors to stderr as raw text.
-    """
-    admin = AdminClient(
-        {**client_config, "bootstrap.servers": kafka.bootstrap_servers, **security_config(kafka)}
-    )
-    try:
-        metadata = admin.list_topics(timeout=TOPIC_CHECK_TIMEOUT_S)
-    except KafkaException as exc:
-        log.warning("cannot check the topics at start-up", error=str(exc))
-        return []
-    finally:
-        admin.poll(0)  # hands librdkafka's queued log lines to the log bridge
-    return [name for name in dict.fromkeys(names) if name not in metadata.topics]
