@@ -37,11 +37,11 @@ unit: setup
 integration: setup
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-## lint: ruff and mypy --strict on the package
+## lint: ruff and mypy --strict on the package, its tests, the benchmarks and dev tools
 lint: setup
 	$(VENV)/bin/ruff check worker tests bench dev
 	$(VENV)/bin/ruff format --check worker tests bench dev
-	$(VENV)/bin/mypy --strict worker
+	$(VENV)/bin/mypy --strict worker tests bench dev
 
 fmt: setup
 	$(VENV)/bin/ruff check --fix worker tests bench dev
@@ -71,13 +71,13 @@ bench-setup: setup
 	$(PY) -m pip install --quiet -e '.[test,dev,bench]'
 
 bench-scorer: bench-setup
-	$(PY) bench/scorer.py --out bench/results/scorer.json
+	$(PY) -m bench.scorer --out bench/results/scorer.json
 
 bench-pipeline: bench-setup
-	$(PY) bench/pipeline.py
+	$(PY) -m bench.pipeline
 
 bench-latency: bench-setup
-	$(PY) bench/latency.py
+	$(PY) -m bench.latency
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -48,8 +48,6 @@ from pathlib import Path
 from typing import Any, Final
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 EXIT_MISSING: Final = 2
 EXIT_NOTHING_RAN: Final = 3
@@ -319,9 +317,9 @@ def run_dtype(bench: Bench, loaded: Loaded, dtype_name: str, texts: dict[int, li
     from transformers import pipeline
 
     from tests.support.models import LABEL_WORDS
-    from worker.scoring.base import ScoreRequest
+    from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS
+    from worker.contract.scorer import ScoreRequest
     from worker.scoring.nli import NliScorer
-    from worker.settings import DEFAULT_MAX_BATCH_TOKENS
 
     labels = list(LABEL_WORDS[:LABEL_COUNT])
     model = loaded.model.to(getattr(torch, dtype_name))
@@ -370,7 +368,7 @@ def run_sweep(bench: Bench, loaded: Loaded, texts: list[str], budgets: Sequence[
     import torch
 
     from tests.support.models import LABEL_WORDS
-    from worker.scoring.base import ScoreRequest
+    from worker.contract.scorer import ScoreRequest
     from worker.scoring.nli import NliScorer
 
     labels = tuple(LABEL_WORDS[:LABEL_COUNT])

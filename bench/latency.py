@@ -16,7 +16,7 @@
 Prints a table, writes ``latency.json`` and ``latency.png`` (p50/p95/p99 against the rate,
 one colour per ``max_wait_ms``) to ``--out`` (default ``bench/results``).
 
-Run from the repository root: ``python bench/latency.py [--max-rate N] [--scorer noop|nli]
+Run from the repository root: ``python -m bench.latency [--max-rate N] [--scorer noop|nli]
 [--seconds S] [--bootstrap HOST:PORT] [--out DIR]``.
 """
 
@@ -31,14 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import orjson
+from confluent_kafka import Producer
 
-import orjson  # noqa: E402
-from confluent_kafka import Producer  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     RESULTS,
     Topics,
     broker,
@@ -53,7 +49,9 @@ from bench.common import (  # noqa: E402
     worker_env,
     write_report,
 )
-from bench.pipeline import NOOP_SCORER, Progress, WorkerRun, nli_settings, run_worker  # noqa: E402
+from bench.pipeline import NOOP_SCORER, Progress, WorkerRun, nli_settings, run_worker
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_FRACTIONS: Final = (0.25, 0.5, 0.75)
 # The default (50) and a tenth of it: what a latency-sensitive deployment would pick.

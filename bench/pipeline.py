@@ -6,7 +6,7 @@ starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id):
 * ``ceiling``: a plain confluent-kafka loop in this process that consumes each record and
   produces it unchanged to the output topic: the most any consume-produce pipeline in
   Python gets from this broker on this machine. For fairness it uses the worker's own
-  client settings (``worker.kafka_client.consumer_config`` / ``producer_config``: manual
+  client settings (``worker.kafka.config.consumer_config`` / ``producer_config``: manual
   commits, idempotent producer, ``acks=all``, ``linger.ms=5``), the worker's poll size
   (``consume(500)``) and commit interval (1 s, asynchronous, of acknowledged offsets).
 * ``noop``: ``tagstream run`` as a subprocess with ``worker.scoring.noop:NoopScorer``:
@@ -28,7 +28,7 @@ second). Outputs are counted, and for the worker checked for duplicates and dead
 ``--profile`` attaches py-spy to the ``noop`` worker and prints where its CPU time goes
 (per function, self and inclusive, all threads); the raw stacks go to the results folder.
 
-Run from the repository root: ``python bench/pipeline.py [--events N] [--scenarios
+Run from the repository root: ``python -m bench.pipeline [--events N] [--scenarios
 ceiling,noop,nli] [--bootstrap HOST:PORT] [--out DIR] [--profile]``. It starts (and stops)
 its own broker on free ports unless ``--bootstrap`` names one.
 """
@@ -49,13 +49,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # bench.common, tests.support.models, worker
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     ADMIN_TIMEOUT_S,
     RESULTS,
     Topics,
@@ -70,9 +66,11 @@ from bench.common import (  # noqa: E402
     worker_env,
     write_report,
 )
-from worker.app import POLL_MAX_RECORDS  # noqa: E402
-from worker.kafka_client import consumer_config, producer_config  # noqa: E402
-from worker.settings import DEFAULT_COMMIT_INTERVAL_MS, KafkaSettings  # noqa: E402
+from worker.config.settings import DEFAULT_COMMIT_INTERVAL_MS, KafkaSettings
+from worker.kafka.config import consumer_config, producer_config
+from worker.pipeline.worker import POLL_MAX_RECORDS
+
+REPO = Path(__file__).resolve().parents[1]
 
 SCENARIOS: Final = ("ceiling", "noop", "nli")
 DEFAULT_EVENTS: Final = 200_000

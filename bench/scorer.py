@@ -14,7 +14,7 @@ single-label). Text lengths are heavy-tailed (most 10-40 words, some 200-400) an
 repeat. Throughput is counted in requested (text, label) pairs per second, so work the scorer
 avoids (repeated texts) counts as speed, as it does in production.
 
-Run from the repository root: ``python bench/scorer.py [--events N] [--models tiny,bart-large]
+Run from the repository root: ``python -m bench.scorer [--events N] [--models tiny,bart-large]
 [--dtypes float32,bfloat16] [--budget-sweep 4096,8192,...] [--out results.json]
 [--plot scorer.png]``. The plot (matplotlib, ``pip install -e '.[bench]'``) shows tagstream's
 pairs/s against the token budget, with the pipeline's best and documented calls as lines,
@@ -38,14 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # for tests.support.models when run as a script
-
-import tokenizers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import (  # noqa: E402
+import tokenizers
+import torch
+import transformers
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -53,15 +49,17 @@ from transformers import (  # noqa: E402
     pipeline,
 )
 
-from tests.support.models import (  # noqa: E402
+from tests.support.models import (
     LABEL_WORDS,
     bart_large_shaped,
     build_tiny_bart,
     generated_sentences,
 )
-from worker.scoring.base import LabelScores, ScoreRequest  # noqa: E402
-from worker.scoring.nli import NliScorer  # noqa: E402
-from worker.settings import DEFAULT_MAX_BATCH_TOKENS  # noqa: E402
+from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS
+from worker.contract.scorer import LabelScores, ScoreRequest
+from worker.scoring.nli import NliScorer
+
+REPO = Path(__file__).resolve().parents[1]
 
 SEED = 20240601
 LABELS = LABEL_WORDS[:8]

@@ -22,7 +22,7 @@ import orjson
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from worker.events import ScoredEvent
+from worker.contract.events import ScoredEvent
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKACTL = REPO / "dev" / "kafka" / "kafkactl.py"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from worker import __version__
+from worker.exit_codes import EXIT_USAGE
 
 # Sub-command name -> (module under worker.commands, one-line help). Modules are imported
 # only when their command runs, so ``tagstream schemas`` never pays for importing torch.
@@ -18,7 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("produce", "send input events to a topic"),
     "schemas": ("schemas", "write the JSON Schema files of the event contract"),
 }
-EXIT_USAGE = 2
 
 
 def _command_module(name: str) -> ModuleType:

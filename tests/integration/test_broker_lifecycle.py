@@ -60,5 +60,7 @@ def test_restart_keeps_topics_and_data(
     while len(values) < 50 and time.monotonic() < deadline:
         for message in consumer.consume(num_messages=100, timeout=1.0):
             if message.error() is None:
-                values.append(message.value())
+                value = message.value()
+                assert value is not None
+                values.append(value)
     assert sorted(values) == sorted(f"before-{index}".encode() for index in range(50))

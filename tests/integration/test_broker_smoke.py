@@ -24,7 +24,9 @@ def _consume_all(consumer: Consumer, expected: int) -> list[bytes]:
             if error is not None and error.code() != KafkaError._PARTITION_EOF:
                 raise AssertionError(str(error))
             if error is None:
-                values.append(message.value())
+                value = message.value()
+                assert value is not None
+                values.append(value)
     return values
 
 

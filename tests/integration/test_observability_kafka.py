@@ -2,7 +2,7 @@
 
 The consumer is wired the way the worker wires it: ``stats_cb`` feeds the lag gauges,
 rebalance callbacks feed ``record_rebalance``, explicit offsets are committed without being
-stored, and librdkafka logs through :func:`worker.logconfig.librdkafka_logger`.
+stored, and librdkafka logs through :func:`worker.observability.logs.librdkafka_logger`.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from tests.support.kafka_fixtures import KafkaCluster, unique_name
-from tests.unit.observability_helpers import samples_of
-from worker.health import HealthState, ObservabilityServer
-from worker.logconfig import LIBRDKAFKA_LOGGER_NAME, configure_logging, librdkafka_logger
-from worker.metrics import WorkerMetrics
-from worker.observability_settings import ObservabilitySettings
-
-pytestmark = pytest.mark.integration
+from tests.support.observability import samples_of
+from worker.config.observability import ObservabilitySettings
+from worker.observability.health import HealthState, ObservabilityServer
+from worker.observability.logs import LIBRDKAFKA_LOGGER_NAME, configure_logging, librdkafka_logger
+from worker.observability.metrics import WorkerMetrics
 
 PARTITIONS = 3
 RECORDS_PER_PARTITION = 10

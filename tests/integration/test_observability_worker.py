@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from tests.support.kafka_fixtures import KafkaCluster, free_port
 from tests.support.ledger import LedgerReport, count_by_stage
+from tests.support.observability import Samples, samples_of
 from tests.support.scorers import BLOCK_MARKER, GATE_ENV, LOAD_GATE_ENV
 from tests.support.worker_process import (
     COMPLETE_TIMEOUT_S,
@@ -34,10 +35,7 @@ from tests.support.worker_process import (
     good_event,
     harness_fixture,
 )
-from tests.unit.observability_helpers import Samples, samples_of
-from worker.logconfig import MASK
-
-pytestmark = pytest.mark.integration
+from worker.observability.logs import MASK
 
 T = TypeVar("T")
 

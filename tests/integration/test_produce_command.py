@@ -8,12 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-import pytest
 
 from tests.support.kafka_fixtures import REPO, KafkaCluster
 from tests.support.ledger import Ledger
-
-pytestmark = pytest.mark.integration
 
 
 def _produce(

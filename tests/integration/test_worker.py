@@ -26,9 +26,7 @@ from tests.support.worker_process import (
     good_event,
     harness_fixture,
 )
-from worker.app import EXIT_FATAL
-
-pytestmark = pytest.mark.integration
+from worker.exit_codes import EXIT_FATAL
 
 
 @pytest.fixture

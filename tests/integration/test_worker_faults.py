@@ -28,8 +28,6 @@ from tests.support.worker_process import (
     harness_fixture,
 )
 
-pytestmark = pytest.mark.integration
-
 # Per-batch sleep of the fake scorer in the crash tests: slow enough that a signal lands
 # mid-stream, fast enough that a test takes seconds.
 STREAM_SLEEP_MS = 25

@@ -17,7 +17,7 @@ All of them honour these environment variables:
   model);
 * ``TAGSTREAM_TEST_SCORER_LOG``: append one JSON line per ``score`` call to this file:
   ``{"pid", "size", "started", "ended", "warm_up"}`` (wall-clock seconds; ``warm_up`` marks
-  the worker's start-up call, see :func:`worker.scorer_stage.warm_up`);
+  the worker's start-up call, see :func:`worker.pipeline.inference.warm_up`);
 * ``TAGSTREAM_TEST_SCORER_GATE``: a ``score`` call whose batch contains
   :data:`BLOCK_MARKER` blocks until this file exists (a stuck model, for as long as the
   test wants).
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from worker.scorer_stage import WARM_UP_TEXT
-from worker.scoring.base import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
-from worker.settings import ModelSettings
+from worker.config.settings import ModelSettings
+from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
+from worker.pipeline.inference import WARM_UP_TEXT
 
 ERROR_MARKER: Final = "<<score-error>>"
 RAISE_MARKER: Final = "<<scorer-raises>>"

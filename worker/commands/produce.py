@@ -25,11 +25,9 @@ from typing import Final
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from worker.settings import DEFAULT_BOOTSTRAP_SERVERS, ENV_PREFIX, split_csv
+from worker.config.settings import DEFAULT_BOOTSTRAP_SERVERS, ENV_PREFIX, split_csv
+from worker.exit_codes import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE
 
-EXIT_OK: Final = 0
-EXIT_UNDELIVERED: Final = 1
-EXIT_USAGE: Final = 2
 STDIN: Final = "-"
 # Everything queued must reach the broker before the command returns; a minute covers a
 # broker that is slow to accept the first requests.

@@ -2,7 +2,7 @@
 
 Settings come from ``TAGSTREAM_*`` environment variables, an optional YAML file
 (``--config``) and the flags below; flags win over the environment, which wins over the
-file (see :mod:`worker.config`). Every setting has a flag named after it
+file (see :mod:`worker.config.loading`). Every setting has a flag named after it
 (``--max-batch-size`` for ``TAGSTREAM_MAX_BATCH_SIZE``), except the secrets.
 
 Start-up, in order: logging (so that every later line, errors included, is structured),
@@ -32,34 +32,32 @@ import structlog
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from worker.app import EXIT_FATAL, Worker
-from worker.config import (
-    ConfigError,
+from worker.config.loading import (
     RunSettings,
     env_name,
     load_observability_settings,
     load_run_settings,
     setting_names,
 )
-from worker.deadletter import WorkerIdentity
-from worker.health import ObservabilityServerError
-from worker.kafka_client import missing_topics
-from worker.logconfig import (
+from worker.config.observability import ObservabilitySettings
+from worker.contract.deadletter import WorkerIdentity
+from worker.contract.scorer import Scorer
+from worker.errors import ConfigError, ObservabilityServerError, ScorerConfigError, WarmUpError
+from worker.exit_codes import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE
+from worker.kafka.admin import missing_topics
+from worker.observability.logs import (
     bind_process_context,
     configure_logging,
     redacted_settings,
     register_settings_secrets,
 )
-from worker.observability import Observability, start_observability
-from worker.observability_settings import ObservabilitySettings
-from worker.scorer_stage import WarmUpError, warm_up
-from worker.scoring.base import Scorer
-from worker.scoring.factory import ScorerConfigError, build_scorer
+from worker.observability.setup import Observability, start_observability
+from worker.pipeline.inference import warm_up
+from worker.pipeline.worker import Worker
+from worker.scoring.factory import build_scorer
 
 log = structlog.get_logger(__name__)
 
-EXIT_INTERRUPTED: Final = 1
-EXIT_USAGE: Final = 2
 # How long start-up waits for the cluster to say which topics exist; a broker that does not
 # answer by then is not a configuration error, so start-up goes on (and retries).
 TOPIC_CHECK_TIMEOUT_S: Final = 10.0

@@ -1,6 +1,6 @@
 """``tagstream schemas``: write (or check) the JSON Schema files of the event contract.
 
-The schemas are generated from the pydantic models in :mod:`worker.events`, so they can
+The schemas are generated from the pydantic models in :mod:`worker.contract.events`, so they can
 never disagree with what the worker accepts and emits; the committed copies under
 ``schemas/`` are for consumers in other languages. ``--check`` exits 1 when a committed
 file differs from the models (CI runs it so a contract change cannot go unnoticed).
@@ -21,10 +21,9 @@ from typing import Any, Final
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
-from worker.events import InputEvent, ScoredEvent
+from worker.contract.events import InputEvent, ScoredEvent
+from worker.exit_codes import EXIT_DRIFT, EXIT_OK
 
-EXIT_OK: Final = 0
-EXIT_DRIFT: Final = 1
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_DIR_NAME: Final = "schemas"
 JSON_INDENT: Final = 2

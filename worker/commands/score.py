@@ -29,21 +29,15 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError as EnvParseError
 from tqdm import tqdm
 
-from worker.events import InputEvent, Source
-from worker.logconfig import configure_logging
-from worker.scoring.base import ScoreError, Scorer, ScoreRequest
-from worker.scoring.factory import ScorerConfigError, build_scorer
-from worker.settings import ENV_PREFIX, ModelSettings, TaggingSettings
-from worker.tagging import (
-    EventError,
-    build_scored_event,
-    decode_input,
-    encode_scored_event,
-    to_request,
-)
+from worker.config.settings import ENV_PREFIX, ModelSettings, TaggingSettings
+from worker.contract.codec import build_scored_event, decode_input, encode_scored_event, to_request
+from worker.contract.events import InputEvent, Source
+from worker.contract.scorer import ScoreError, Scorer, ScoreRequest
+from worker.errors import EventError, ScorerConfigError
+from worker.exit_codes import EXIT_OK, EXIT_USAGE
+from worker.observability.logs import configure_logging
+from worker.scoring.factory import build_scorer
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 2
 # Events per scorer call: enough rows to fill a CPU/GPU forward pass for short texts while
 # keeping the first output line quick; the scorer splits further by its token budget.
 DEFAULT_BATCH_SIZE: Final = 32
@@ -255,7 +249,7 @@ def _quiet_libraries(interactive: bool) -> None:
 
 def _fail(message: str) -> int:
     print(f"tagstream score: {message}", file=sys.stderr)
-    return EXIT_FAILED
+    return EXIT_USAGE
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -287,8 +281,8 @@ def execute(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); silence the flush at interpreter exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILED
+        return EXIT_USAGE
     if failures:
         print(f"tagstream score: {failures} line(s) not scored", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE
     return EXIT_OK

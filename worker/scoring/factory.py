@@ -1,8 +1,8 @@
 """Build the configured scorer: ``nli`` (default), ``embedding``, or a user factory.
 
 A user factory is named ``package.module:attribute``; the attribute is called with the
-:class:`~worker.settings.ModelSettings` and must return an object that satisfies
-:class:`~worker.scoring.base.Scorer`. This is how custom models (and test doubles in
+:class:`~worker.config.settings.ModelSettings` and must return an object that satisfies
+:class:`~worker.contract.scorer.Scorer`. This is how custom models (and test doubles in
 worker subprocesses) plug in without touching the worker.
 """
 
@@ -12,12 +12,9 @@ import importlib
 from collections.abc import Callable
 from typing import cast
 
-from worker.scoring.base import Scorer
-from worker.settings import ModelSettings
-
-
-class ScorerConfigError(ValueError):
-    """The configured scorer cannot be built; the message names the setting."""
+from worker.config.settings import ModelSettings
+from worker.contract.scorer import Scorer
+from worker.errors import ScorerConfigError
 
 
 def _import_factory(path: str) -> Callable[[ModelSettings], object]:

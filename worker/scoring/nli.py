@@ -40,7 +40,8 @@ import structlog
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from worker.scoring.base import (
+from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+from worker.contract.scorer import (
     LabelScores,
     ModelInfo,
     NliProbabilities,
@@ -63,7 +64,6 @@ from worker.scoring.runtime import (
     resolve_device,
     resolve_dtype,
 )
-from worker.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +82,8 @@ CHARS_PER_TOKEN = 4
 UNSET_MODEL_MAX_LENGTH = 1_000_000
 # Used when the tokenizer does not say: the common encoder limit, and never past the positions.
 FALLBACK_MAX_LENGTH = 512
+# Entailment needs something to be told apart from: at least a second class.
+MIN_NLI_CLASSES = 2
 
 
 class SequenceClassifier(Protocol):
@@ -113,7 +115,7 @@ class NliLabelIndices:
         entailment = next(
             (i for name, i in label2id.items() if name.lower().startswith("entail")), None
         )
-        if entailment is None or num_labels < 2:
+        if entailment is None or num_labels < MIN_NLI_CLASSES:
             raise ValueError(
                 f"model {model_name!r} has no entailment label (labels: {sorted(label2id)});"
                 " zero-shot NLI scoring needs a label starting with 'entail'"

@@ -20,6 +20,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from worker.errors import HypothesisTooLongError
+
 TOKEN_TYPE_IDS = "token_type_ids"
 # Probe texts for reading the pair layout: ordinary words that every tokenizer splits the
 # same way alone and inside a pair, and that never look like special tokens.
@@ -69,10 +71,6 @@ class PairTemplate:
             *self.suffix_types,
         ]
         return ids, types
-
-
-class HypothesisTooLongError(ValueError):
-    """The hypothesis alone leaves no room for the premise within the model's maximum length."""
 
 
 def fit_premise(

@@ -9,9 +9,9 @@ consume-produce loop.
 
 Plugging in a custom model works the same way. ``TAGSTREAM_SCORER=package.module:attr``
 names a class or function that the worker calls once, at start-up, with the
-:class:`~worker.settings.ModelSettings` (``model``, ``device``, ``dtype``,
+:class:`~worker.config.settings.ModelSettings` (``model``, ``device``, ``dtype``,
 ``max_batch_tokens``, ...) and that returns an object with the four members of
-:class:`~worker.scoring.base.Scorer`, which this class implements in the simplest way:
+:class:`~worker.contract.scorer.Scorer`, which this class implements in the simplest way:
 
 * ``info``: the model's name and revision, written into every scored event;
 * ``max_batch_tokens``: the budget at which the batcher closes a micro-batch;
@@ -19,7 +19,7 @@ names a class or function that the worker calls once, at start-up, with the
   consuming thread for every event, so it must be cheap (no tokenizer call);
 * ``score(requests)``: one outcome per request, in order, labels sorted by score
   (highest first); an event that cannot be scored gets a
-  :class:`~worker.scoring.base.ScoreError` instead of raising, so that only it is
+  :class:`~worker.contract.scorer.ScoreError` instead of raising, so that only it is
   dead-lettered.
 
 ``score`` runs on the inference thread, one micro-batch at a time; load the model in the
@@ -32,8 +32,8 @@ import zlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-from worker.scoring.base import LabelScores, ModelInfo, ScoreOutcome, ScoreRequest
-from worker.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+from worker.contract.scorer import LabelScores, ModelInfo, ScoreOutcome, ScoreRequest
 
 NAME: Final = "noop"
 REVISION: Final = "v1"

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from worker.settings import ModelSettings
+from worker.config.settings import ModelSettings
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +33,8 @@ DTYPES: dict[str, torch.dtype] = {
 LOCAL_REVISION = "local"
 _DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
+# A packed-refs line is "<commit> <ref name>".
+PACKED_REF_FIELDS = 2
 # How transformers words "this class cannot use SDPA" (message texts differ across versions).
 _SDPA_REFUSAL = re.compile(r"sdpa|scaled_dot_product_attention|attn_implementation", re.IGNORECASE)
 
@@ -99,7 +101,7 @@ def _git_commit(directory: Path) -> str | None:
     if packed.is_file():
         for line in packed.read_text(encoding="utf-8").splitlines():
             parts = line.split()
-            if len(parts) == 2 and parts[1] == ref and _COMMIT_HASH.match(parts[0]):
+            if len(parts) == PACKED_REF_FIELDS and parts[1] == ref and _COMMIT_HASH.match(parts[0]):
                 return parts[0]
     return None
 

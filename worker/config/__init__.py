@@ -1,0 +1,1 @@
+"""Settings, one class per concern, and loading them from env, YAML and flags."""

@@ -1,0 +1,276 @@
+"""Typed settings, one class per concern, read from ``TAGSTREAM_*`` environment variables.
+
+Every class validates at construction, so a bad value stops the worker at start-up with
+a message that names the setting. List settings accept comma-separated strings
+(``TAGSTREAM_LABELS=sports,finance``) as well as JSON lists.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.contract.events import (
+    DEFAULT_HYPOTHESIS_TEMPLATE,
+    DEFAULT_MAX_LABELS,
+    DEFAULT_MAX_TEXT_CHARS,
+    check_labels,
+    check_template,
+)
+
+ENV_PREFIX = "TAGSTREAM_"
+DEFAULT_MODEL = "facebook/bart-large-mnli"
+# Padded tokens per forward pass: ~16k keeps a bart-large activation footprint well under
+# 1 GiB in half precision while leaving enough rows per pass to saturate a modern GPU.
+DEFAULT_MAX_BATCH_TOKENS = 16_384
+DEFAULT_THRESHOLD = 0.5
+
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+def split_csv(value: Any) -> Any:
+    """Turn ``"a, b,c"`` into ``["a", "b", "c"]``; leave lists and JSON lists alone."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            return orjson.loads(stripped)
+        return [part.strip() for part in stripped.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, frozen=True
+    )
+
+
+class ModelSettings(_Base):
+    """Which model scores the events, and where it runs."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="Hub id or local directory.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    scorer: str = Field(
+        default="nli",
+        description="'nli', 'embedding', or 'module:attr' import path of a scorer factory.",
+    )
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+    max_batch_tokens: int = Field(default=DEFAULT_MAX_BATCH_TOKENS, ge=64)
+    allow_pickle: bool = Field(
+        default=False, description="Allow loading non-safetensors (pickle) weights."
+    )
+    trust_remote_code: bool = False
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, value: str) -> str:
+        if value in ("nli", "embedding") or ":" in value:
+            return value
+        raise ValueError("scorer must be 'nli', 'embedding' or a 'module:attribute' path")
+
+
+class TaggingSettings(_Base):
+    """How scores become tags, and the defaults for events that do not say."""
+
+    labels: CsvList = Field(default_factory=list, description="Default candidate labels.")
+    multi_label: bool = True
+    threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0.0, le=1.0)
+    label_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-label thresholds overriding 'threshold'."
+    )
+    hypothesis_template: str = DEFAULT_HYPOTHESIS_TEMPLATE
+    include_nli_probs: bool = False
+    max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
+    max_labels: int = Field(default=DEFAULT_MAX_LABELS, ge=1)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        return split_csv(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str]) -> list[str]:
+        return check_labels(value, DEFAULT_MAX_LABELS * 10) if value else value
+
+    @field_validator("label_thresholds")
+    @classmethod
+    def _thresholds(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, threshold in value.items():
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"threshold for {label!r} must be within 0..1")
+        return value
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return check_template(value)
+
+
+# ---------------------------------------------------------------------------------------
+# The streaming worker (``tagstream run``): Kafka, batching, delivery and shutdown.
+# ---------------------------------------------------------------------------------------
+
+DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+DEFAULT_GROUP_ID = "tagstream"
+DEFAULT_CLIENT_ID = "tagstream"
+DLQ_SUFFIX = ".dlq"
+# 64 events fill a GPU forward pass for short texts without making one slow batch hold
+# back the latency of the whole partition.
+DEFAULT_MAX_BATCH_SIZE = 64
+# A quiet stream still gets its answer within a twentieth of a second.
+DEFAULT_MAX_WAIT_MS = 50
+# One batch runs on the model while the next one is assembled: the minimum for overlap.
+DEFAULT_MAX_IN_FLIGHT_BATCHES = 2
+# Committing once a second bounds the replay after a crash to about a second of input.
+DEFAULT_COMMIT_INTERVAL_MS = 1_000
+# Long enough for a couple of GPU batches to finish, short enough not to stall the group.
+DEFAULT_REVOKE_TIMEOUT_MS = 10_000
+# Kubernetes sends SIGKILL 30 s after SIGTERM by default; stay at or under it.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+# Extra librdkafka settings that would break the at-least-once guarantee.
+PROTECTED_CONSUMER_KEYS = frozenset({"enable.auto.commit", "enable.auto.offset.store"})
+PROTECTED_PRODUCER_KEYS = frozenset({"enable.idempotence", "acks", "request.required.acks"})
+
+KafkaValue = str | int | float | bool
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+
+def parse_json_map(value: Any) -> Any:
+    """Accept a JSON object string (env, CLI) as well as a mapping (YAML, code)."""
+    if isinstance(value, str):
+        return orjson.loads(value) if value.strip() else {}
+    return value
+
+
+def _check_extra(value: dict[str, KafkaValue], protected: frozenset[str]) -> dict[str, KafkaValue]:
+    clashes = sorted(protected.intersection(value))
+    if clashes:
+        raise ValueError(f"{', '.join(clashes)} is managed by the worker and cannot be overridden")
+    return value
+
+
+class KafkaSettings(_Base):
+    """Where the worker reads and writes, how it joins its group, and how it authenticates."""
+
+    bootstrap_servers: str = Field(default=DEFAULT_BOOTSTRAP_SERVERS, min_length=1)
+    input_topics: CsvList = Field(default_factory=list, description="Topics to consume.")
+    input_topic_regex: str | None = Field(
+        default=None, description="Subscribe to every topic matching this regex instead."
+    )
+    output_topic: str = Field(min_length=1, description="Where scored events go (required).")
+    dlq_topic: str | None = Field(
+        default=None, description="Dead-letter topic; '<output_topic>.dlq' when not set."
+    )
+    group_id: str = Field(default=DEFAULT_GROUP_ID, min_length=1)
+    group_instance_id: str | None = Field(
+        default=None, description="Static group membership: a stable id per replica."
+    )
+    client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1)
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    group_protocol: Literal["classic", "consumer"] = Field(
+        default="classic", description="'consumer' selects the KIP-848 group protocol."
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a group without committed offsets starts."
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    consumer_config: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka consumer settings (JSON object)."
+    )
+    producer_config: dict[str, KafkaValue] = Field(
+        default_factory=dict, description="Extra librdkafka producer settings (JSON object)."
+    )
+
+    @field_validator("input_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        return split_csv(value)
+
+    @field_validator("consumer_config", "producer_config", mode="before")
+    @classmethod
+    def _parse_map(cls, value: Any) -> Any:
+        return parse_json_map(value)
+
+    @field_validator("consumer_config")
+    @classmethod
+    def _consumer_extra(cls, value: dict[str, KafkaValue]) -> dict[str, KafkaValue]:
+        return _check_extra(value, PROTECTED_CONSUMER_KEYS)
+
+    @field_validator("producer_config")
+    @classmethod
+    def _producer_extra(cls, value: dict[str, KafkaValue]) -> dict[str, KafkaValue]:
+        return _check_extra(value, PROTECTED_PRODUCER_KEYS)
+
+    @field_validator("input_topic_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> KafkaSettings:
+        if bool(self.input_topics) == bool(self.input_topic_regex):
+            raise ValueError(
+                "set exactly one of TAGSTREAM_INPUT_TOPICS and TAGSTREAM_INPUT_TOPIC_REGEX"
+            )
+        if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL"):
+            raise ValueError(
+                "TAGSTREAM_SASL_MECHANISM needs TAGSTREAM_SECURITY_PROTOCOL "
+                "SASL_PLAINTEXT or SASL_SSL"
+            )
+        return self
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.dlq_topic or f"{self.output_topic}{DLQ_SUFFIX}"
+
+    @property
+    def subscription(self) -> list[str]:
+        """Topic names, or the regex in librdkafka's form (a leading ``^``)."""
+        if self.input_topic_regex is None:
+            return list(self.input_topics)
+        regex = self.input_topic_regex
+        return [regex if regex.startswith("^") else f"^{regex}"]
+
+
+class BatchSettings(_Base):
+    """When a micro-batch closes, and how many may be in flight at once."""
+
+    max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
+    max_wait_ms: int = Field(default=DEFAULT_MAX_WAIT_MS, ge=0)
+    max_in_flight_batches: int = Field(default=DEFAULT_MAX_IN_FLIGHT_BATCHES, ge=1)
+
+
+class DeliverySettings(_Base):
+    """How often done offsets are committed."""
+
+    commit_interval_ms: int = Field(default=DEFAULT_COMMIT_INTERVAL_MS, ge=1)
+
+
+class ShutdownSettings(_Base):
+    """How long revokes and shutdowns wait for in-flight work."""
+
+    revoke_timeout_ms: int = Field(default=DEFAULT_REVOKE_TIMEOUT_MS, ge=0)
+    shutdown_timeout_s: float = Field(default=DEFAULT_SHUTDOWN_TIMEOUT_S, ge=0.0)

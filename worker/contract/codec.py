@@ -1,0 +1,376 @@
+"""From raw Kafka values to scorer requests, and from scores to scored-event records.
+
+These functions sit on the worker's hot path (one call each per event), so they avoid
+needless copies: ``decode_input`` hands the record's bytes straight to orjson, and
+pydantic validates the parsed object in place.
+
+Errors are split by the stage that rejected the event, which is what the dead-letter
+record reports: ``deserialize`` (the value is not a JSON object) or ``validate`` (a JSON
+object that breaks the :class:`~worker.contract.events.InputEvent` contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from worker.config.settings import TaggingSettings
+from worker.contract.events import InputEvent, ModelRef, NliProbs, ScoredEvent, Source
+from worker.contract.scorer import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
+from worker.errors import DeserializeError, NoLabelsError, ScoresError, ValidateError
+
+# How many pydantic errors one ValidateError message lists; the rest are counted. A
+# dead-letter reason should name the broken fields, not echo a whole malformed event.
+MAX_REPORTED_ERRORS: Final = 5
+# Characters of an error message kept from orjson/pydantic; they never need more, and a
+# bound keeps a hostile value from blowing up the dead-letter record.
+MAX_ERROR_MESSAGE_CHARS: Final = 500
+_VALUE_ERROR_PREFIX: Final = "Value error, "
+# 'Z' instead of '+00:00' for UTC, and a naive datetime is taken to be UTC.
+_ORJSON_OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+def _clip(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    return message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "event"
+    path = str(loc[0])
+    for part in loc[1:]:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def summarize_validation_error(exc: ValidationError) -> tuple[str, tuple[str, ...]]:
+    """``"text: text must not be blank; labels[1]: Input should be a valid string"``.
+
+    Returns the message and the top-level field names, without echoing input values.
+    """
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts: list[str] = []
+    for error in errors[:MAX_REPORTED_ERRORS]:
+        message = error["msg"].removeprefix(_VALUE_ERROR_PREFIX)
+        parts.append(f"{_location(error['loc'])}: {message}")
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more errors")
+    fields = tuple(dict.fromkeys(str(error["loc"][0]) for error in errors if error["loc"]))
+    return _clip("; ".join(parts)), fields
+
+
+def _deserialize_reason(value: bytes | bytearray | memoryview, exc: orjson.JSONDecodeError) -> str:
+    # Only on the error path: tell "not UTF-8" apart, orjson's message for it is cryptic.
+    try:
+        bytes(value).decode("utf-8")
+    except UnicodeDecodeError as utf8_error:
+        return f"value is not valid UTF-8 ({utf8_error.reason} at byte {utf8_error.start})"
+    return _clip(f"value is not valid JSON: {exc}")
+
+
+def _json_kind(obj: Any) -> str:
+    if isinstance(obj, list):
+        return "an array"
+    if isinstance(obj, str):
+        return "a string"
+    if isinstance(obj, bool):
+        return "a boolean"
+    if obj is None:
+        return "null"
+    return "a number"
+
+
+def validation_context(tagging: TaggingSettings) -> dict[str, int]:
+    """The pydantic context that applies the configured input limits (one dict per
+    settings object, built once: this runs for every consumed record)."""
+    cached = _contexts.get(id(tagging))
+    if cached is not None and cached[0] is tagging:
+        return cached[1]
+    context = {"max_text_chars": tagging.max_text_chars, "max_labels": tagging.max_labels}
+    if len(_contexts) >= _CONTEXT_CACHE_LIMIT:
+        _contexts.clear()
+    _contexts[id(tagging)] = (tagging, context)
+    return context
+
+
+# A worker has one TaggingSettings; tests build many. Keyed by id, checked by identity.
+_contexts: dict[int, tuple[TaggingSettings, dict[str, int]]] = {}
+_CONTEXT_CACHE_LIMIT: Final = 64
+
+
+def decode_input(
+    value: bytes | bytearray | memoryview | None, tagging: TaggingSettings
+) -> InputEvent:
+    """Parse and validate one record value.
+
+    Raises :class:`DeserializeError` or :class:`ValidateError` (both :class:`EventError`).
+    """
+    if not value:
+        raise DeserializeError("value is empty" if value is not None else "value is null")
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise DeserializeError(_deserialize_reason(value, exc)) from None
+    if not isinstance(obj, dict):
+        raise DeserializeError(f"value is {_json_kind(obj)}, expected a JSON object")
+    try:
+        return InputEvent.model_validate(obj, context=validation_context(tagging))
+    except ValidationError as exc:
+        message, fields = summarize_validation_error(exc)
+        raise ValidateError(message, fields) from None
+
+
+def to_request(event: InputEvent, tagging: TaggingSettings) -> ScoreRequest:
+    """The scorer request of an event, with the configured defaults filled in.
+
+    Raises :class:`NoLabelsError` when neither the event nor the settings give labels.
+    """
+    labels = event.labels if event.labels is not None else tagging.labels
+    if not labels:
+        raise NoLabelsError()
+    return ScoreRequest(
+        text=event.text,
+        labels=tuple(labels),
+        multi_label=tagging.multi_label if event.multi_label is None else event.multi_label,
+        hypothesis_template=event.hypothesis_template or tagging.hypothesis_template,
+    )
+
+
+def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingSettings) -> list[str]:
+    """Labels that pass their threshold (multi-label), else the single top label.
+
+    ``scores`` is sorted highest first, so the tags come out in score order.
+    """
+    if not multi_label:
+        return list(scores.labels[:1])
+    overrides = tagging.label_thresholds
+    default = tagging.threshold
+    if not overrides:
+        return [
+            label
+            for label, score in zip(scores.labels, scores.scores, strict=True)
+            if score >= default
+        ]
+    return [
+        label
+        for label, score in zip(scores.labels, scores.scores, strict=True)
+        if score >= overrides.get(label, default)
+    ]
+
+
+def _nli_probs(labels: tuple[str, ...], nli: Mapping[str, NliProbabilities]) -> dict[str, NliProbs]:
+    return {
+        label: NliProbs(
+            entailment=probs.entailment,
+            contradiction=probs.contradiction,
+            neutral=probs.neutral,
+        )
+        for label in labels
+        if (probs := nli.get(label)) is not None
+    }
+
+
+_model_refs: dict[tuple[str, str], ModelRef] = {}
+
+
+def _model_ref(model: ModelInfo) -> ModelRef:
+    """One ModelRef per model, shared by its scored events (a worker has one model)."""
+    key = (model.name, model.revision)
+    ref = _model_refs.get(key)
+    if ref is None:
+        ref = _model_refs[key] = ModelRef(name=model.name, revision=model.revision)
+    return ref
+
+
+def _as_utc(moment: datetime) -> datetime:
+    if moment.tzinfo is UTC:
+        return moment  # the worker's own clock: nothing to convert
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def event_id(event: InputEvent, source: Source) -> str:
+    """The caller's id, else the record's coordinates ``topic:partition:offset``."""
+    if event.id is not None:
+        return event.id
+    return f"{source.topic}:{source.partition}:{source.offset}"
+
+
+# The positional signature is shared with the streaming worker, hence the noqa.
+def build_scored_event(  # noqa: PLR0917
+    event: InputEvent,
+    request: ScoreRequest,
+    scores: LabelScores,
+    source: Source,
+    tagging: TaggingSettings,
+    model: ModelInfo,
+    scored_at: datetime,
+) -> ScoredEvent:
+    """The output record of one scored event; pydantic checks the scorer's output (a
+    ValidationError for scores outside 0..1, say). ``source`` and the model reference are
+    model instances, which pydantic takes as they are."""
+    nli = scores.nli if tagging.include_nli_probs else None
+    return ScoredEvent(
+        id=event_id(event, source),
+        source=source,
+        labels=list(scores.labels),
+        scores=list(scores.scores),
+        tags=select_tags(scores, request.multi_label, tagging),
+        multi_label=request.multi_label,
+        hypothesis_template=request.hypothesis_template,
+        truncated=scores.truncated,
+        model=_model_ref(model),
+        metadata=event.metadata,
+        scored_at=_as_utc(scored_at),
+        nli=None if nli is None else _nli_probs(scores.labels, nli),
+    )
+
+
+# The wire format's keys, in order; encode_scored_event writes exactly these (checked at
+# import, so a contract change cannot silently drop a field from the output).
+_SCORED_FIELDS: Final = (
+    "id",
+    "source",
+    "labels",
+    "scores",
+    "tags",
+    "multi_label",
+    "hypothesis_template",
+    "truncated",
+    "model",
+    "metadata",
+    "scored_at",
+    "nli",
+)
+if tuple(ScoredEvent.model_fields) != _SCORED_FIELDS:  # pragma: no cover - contract guard
+    raise ImportError("ScoredEvent changed: update worker.contract.codec.encode_scored_event")
+
+
+class RecordCoordinates(Protocol):
+    """Where an input record was read (``worker.kafka.records.InputRecord`` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp_ms(self) -> int | None: ...
+
+
+def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
+    """The scorer's labels and scores as the output contract wants them (what pydantic
+    checks in :func:`build_scored_event`): one score per label, labels strings, scores
+    numbers within 0..1 (NaN is not). Raises :class:`ScoresError`."""
+    labels = list(scores.labels)
+    try:
+        values = [float(score) for score in scores.scores]
+    except (TypeError, ValueError) as exc:
+        raise ScoresError(f"scores must be numbers: {exc}") from None
+    if len(labels) != len(values):
+        raise ScoresError(f"{len(values)} scores for {len(labels)} labels")
+    for label, value in zip(labels, values, strict=True):
+        if not isinstance(label, str):
+            raise ScoresError(f"label {label!r} is not a string")
+        if not 0.0 <= value <= 1.0:
+            raise ScoresError(f"score of {label!r} is {value}, not within 0..1")
+    return labels, values
+
+
+# The positional signature mirrors build_scored_event, hence the noqa.
+def encode_output(  # noqa: PLR0917
+    event: InputEvent,
+    request: ScoreRequest,
+    scores: LabelScores,
+    record: RecordCoordinates,
+    tagging: TaggingSettings,
+    model: ModelInfo,
+    scored_at: datetime,
+) -> bytes:
+    """The scored event's JSON bytes straight from its parts: the same bytes as
+    ``encode_scored_event(build_scored_event(...))`` without building the pydantic
+    objects (Source, ScoredEvent) on the way, which costs most of the time per event.
+
+    Raises :class:`ScoresError` for scores that break the contract (dead-letter them).
+    """
+    labels, values = checked_scores(scores)
+    nli = scores.nli if tagging.include_nli_probs else None
+    document: dict[str, Any] = {
+        "id": event.id
+        if event.id is not None
+        else f"{record.topic}:{record.partition}:{record.offset}",
+        "source": {
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "timestamp": record.timestamp_ms,
+        },
+        "labels": labels,
+        "scores": values,
+        "tags": select_tags(scores, request.multi_label, tagging),
+        "multi_label": request.multi_label,
+        "hypothesis_template": request.hypothesis_template,
+        "truncated": bool(scores.truncated),
+        "model": {"name": model.name, "revision": model.revision},
+        "metadata": event.metadata,
+        "scored_at": _as_utc(scored_at),
+    }
+    if nli is not None:
+        document["nli"] = {
+            label: {
+                "entailment": float(probs.entailment),
+                "contradiction": float(probs.contradiction),
+                "neutral": None if probs.neutral is None else float(probs.neutral),
+            }
+            for label in labels
+            if (probs := nli.get(label)) is not None
+        }
+    return orjson.dumps(document, option=_ORJSON_OPTIONS)
+
+
+def encode_scored_event(event: ScoredEvent) -> bytes:
+    """Compact JSON bytes of a scored event; ``nli`` is left out when absent.
+
+    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli))``, written from
+    the attributes directly: ``model_dump`` costs several times the encoding itself.
+    """
+    source, model = event.source, event.model
+    document: dict[str, Any] = {
+        "id": event.id,
+        "source": {
+            "topic": source.topic,
+            "partition": source.partition,
+            "offset": source.offset,
+            "timestamp": source.timestamp,
+        },
+        "labels": event.labels,
+        "scores": event.scores,
+        "tags": event.tags,
+        "multi_label": event.multi_label,
+        "hypothesis_template": event.hypothesis_template,
+        "truncated": event.truncated,
+        "model": {"name": model.name, "revision": model.revision},
+        "metadata": event.metadata,
+        "scored_at": event.scored_at,
+    }
+    if event.nli is not None:
+        document["nli"] = {
+            label: {
+                "entailment": probs.entailment,
+                "contradiction": probs.contradiction,
+                "neutral": probs.neutral,
+            }
+            for label, probs in event.nli.items()
+        }
+    return orjson.dumps(document, option=_ORJSON_OPTIONS)

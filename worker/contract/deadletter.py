@@ -1,0 +1,118 @@
+"""Dead-letter records: the input's bytes unchanged, plus headers that say what went wrong.
+
+A dead-letter record keeps the original key, value and headers, so it can be replayed
+into the input topic as is once the cause is fixed, and adds ``tagstream.*`` headers:
+
+=============================  ========================================================
+``tagstream.error.stage``      deserialize | validate | inference | produce
+``tagstream.error.class``      the exception or Kafka error name
+``tagstream.error.message``    what went wrong, at most 1 KiB of UTF-8
+``tagstream.source.topic``     where the input was read (also partition, offset, and
+                               timestamp in milliseconds, empty when the record has none)
+``tagstream.group``            the consumer group
+``tagstream.attempts``         how many times the worker tried (produce: produce attempts)
+``tagstream.worker``           which worker process wrote it
+``tagstream.model``            name@revision of the scorer
+``tagstream.failed_at``        RFC 3339 UTC time of the failure
+=============================  ========================================================
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+from worker.kafka.records import InputRecord, OutHeaders
+
+# Error messages can embed arbitrary input (a pydantic message, a scorer traceback
+# line); 1 KiB says what went wrong without letting one header dwarf the record.
+MAX_ERROR_MESSAGE_BYTES: Final = 1024
+TRUNCATION_MARK: Final = "..."
+
+HEADER_STAGE: Final = "tagstream.error.stage"
+HEADER_CLASS: Final = "tagstream.error.class"
+HEADER_MESSAGE: Final = "tagstream.error.message"
+HEADER_SOURCE_TOPIC: Final = "tagstream.source.topic"
+HEADER_SOURCE_PARTITION: Final = "tagstream.source.partition"
+HEADER_SOURCE_OFFSET: Final = "tagstream.source.offset"
+HEADER_SOURCE_TIMESTAMP: Final = "tagstream.source.timestamp"
+HEADER_GROUP: Final = "tagstream.group"
+HEADER_ATTEMPTS: Final = "tagstream.attempts"
+HEADER_WORKER: Final = "tagstream.worker"
+HEADER_MODEL: Final = "tagstream.model"
+HEADER_FAILED_AT: Final = "tagstream.failed_at"
+
+
+class Stage(enum.StrEnum):
+    """The pipeline step that gave up on an input."""
+
+    DESERIALIZE = "deserialize"
+    VALIDATE = "validate"
+    INFERENCE = "inference"
+    PRODUCE = "produce"
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an input is dead-lettered."""
+
+    stage: Stage
+    error_class: str
+    message: str
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    """Who writes the dead-letter records."""
+
+    group: str
+    worker: str
+    model: str  # name@revision
+
+
+def truncate_utf8(message: str, limit: int = MAX_ERROR_MESSAGE_BYTES) -> bytes:
+    """``message`` as UTF-8, cut to at most ``limit`` bytes on a character boundary,
+    ending in ``...`` when cut."""
+    encoded = message.encode("utf-8", errors="replace")
+    if len(encoded) <= limit:
+        return encoded
+    mark = TRUNCATION_MARK.encode()
+    head = encoded[: limit - len(mark)].decode("utf-8", errors="ignore").encode("utf-8")
+    return head + mark
+
+
+def source_headers(record: InputRecord) -> OutHeaders:
+    """Where the input came from; on scored and dead-letter records alike."""
+    return [
+        (HEADER_SOURCE_TOPIC, record.topic.encode()),
+        (HEADER_SOURCE_PARTITION, b"%d" % record.partition),
+        (HEADER_SOURCE_OFFSET, b"%d" % record.offset),
+    ]
+
+
+def rfc3339(moment: datetime) -> str:
+    """``2024-05-01T12:00:00.123456Z``."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def dead_letter_headers(
+    record: InputRecord, failure: Failure, identity: WorkerIdentity, failed_at: datetime
+) -> OutHeaders:
+    """The input's own headers, unchanged and first, then the ``tagstream.*`` ones."""
+    timestamp = b"" if record.timestamp_ms is None else str(record.timestamp_ms).encode()
+    added: OutHeaders = [
+        (HEADER_STAGE, failure.stage.value.encode()),
+        (HEADER_CLASS, failure.error_class.encode("utf-8", errors="replace")),
+        (HEADER_MESSAGE, truncate_utf8(failure.message)),
+        *source_headers(record),
+        (HEADER_SOURCE_TIMESTAMP, timestamp),
+        (HEADER_GROUP, identity.group.encode()),
+        (HEADER_ATTEMPTS, str(failure.attempts).encode()),
+        (HEADER_WORKER, identity.worker.encode()),
+        (HEADER_MODEL, identity.model.encode()),
+        (HEADER_FAILED_AT, rfc3339(failed_at).encode()),
+    ]
+    return [*record.headers, *added]

@@ -1,0 +1,601 @@
+"""Prometheus metrics of one worker, on a registry of its own.
+
+Every metric lives on the :class:`WorkerMetrics` instance's own ``CollectorRegistry``, not the
+process-global one, so tests and several workers in one process never clash. Names follow the
+Prometheus conventions: ``tagstream_`` prefix, unit in the name, ``_total`` on counters.
+
+The record counters form a ledger. Every record the consumer hands the worker is counted in
+``tagstream_events_consumed_total{topic}`` and, once its fate is settled, in exactly one of
+
+* ``tagstream_events_scored_total``: its output record was acknowledged by the broker;
+* ``tagstream_events_dead_lettered_total{stage,error_class}``: its dead-letter record was
+  acknowledged by the broker;
+* ``tagstream_events_discarded_total{reason}``: the worker dropped it without writing anything:
+  ``not_assigned`` / ``seen`` (polled for a partition it does not hold, or an offset it already
+  received), ``revoked`` / ``lost`` (its partition went away before its result was written;
+  the next owner processes it), ``shutdown`` (the worker stopped before processing it).
+
+So, per worker and summed over labels, whenever no work is in flight (the input drained, or
+after a graceful stop that finished within ``shutdown_timeout_s``)::
+
+    consumed == scored + dead_lettered + discarded
+
+A record's output that is acknowledged after its partition was revoked counts as scored: it
+is in the output topic, and the next owner writes it again (at-least-once). Summed over a
+fleet, ``scored`` and ``dead_lettered`` therefore equal the records written to the output and
+dead-letter topics, duplicates included. After a fatal error (exit code 3) the work still in
+flight is not counted.
+
+Consumer lag comes from two sources:
+
+* **messages** (``tagstream_consumer_lag_messages{topic,partition}``): librdkafka's statistics
+  (``statistics.interval.ms`` > 0 and ``stats_cb=metrics.update_from_statistics``). The value is
+  the partition's high watermark (last stable offset under ``read_committed``) minus the offset
+  the worker has finished up to: librdkafka's ``consumer_lag_stored`` (hi - *stored* offset)
+  when offsets are stored, else ``consumer_lag`` (hi - *committed* offset; the tagstream loop
+  commits explicit offsets without storing them, so there it is the committed lag), and 0 for
+  an empty partition (librdkafka reports -1 for both when nothing was ever committed).
+* **seconds** (``tagstream_consumer_lag_seconds{topic,partition}``): how far behind real time
+  the worker's read position is. While the partition's message lag is above 0, it is
+  ``now - timestamp of the last record consumed from the partition`` (wall clock, never
+  negative); it is exactly 0 once the message lag is 0 (input drained and committed). A
+  partition with no statistics yet, or no timestamped record yet, has no series rather than
+  a guess. Drain detection comes from the statistics, so both gauges reach 0 at most one
+  statistics interval (``STATISTICS_INTERVAL_MS``) after the commit that drains the partition.
+
+Both lag gauges are computed at scrape time and only for partitions the worker holds: a
+revoked or lost partition's series disappear at once (:meth:`WorkerMetrics.record_rebalance`),
+and statistics for partitions librdkafka no longer wants (``desired: false``) are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from worker.contract.scorer import ModelInfo
+
+PREFIX = "tagstream"
+_log = logging.getLogger(__name__)
+
+# librdkafka statistics cadence the worker should configure (``statistics.interval.ms``): one
+# payload per Prometheus scrape interval (15 s default) would leave lag up to 15 s stale;
+# 5 s keeps it fresh while the JSON (a few KiB per partition) stays negligible to parse.
+STATISTICS_INTERVAL_MS = 5_000
+
+# fmt: off
+# Batch sizes are capped by max_batch_size (tens to a few hundred events); powers of two
+# resolve both the "nearly empty" and the "full" ends of that range: 1 .. 1024.
+BATCH_SIZE_BUCKETS: tuple[float, ...] = tuple(float(2**exp) for exp in range(11))
+# Padded tokens per forward pass, bounded by max_batch_tokens (>= 64, default 16,384).
+BATCH_TOKENS_BUCKETS: tuple[float, ...] = tuple(float(2**exp) for exp in range(6, 17))
+# events / max_batch_size lies in 0..1; tenths show whether batches close full or on timeout.
+BATCH_FILL_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# The batcher holds the first event a few ms (busy) to its max wait (idle, ~0.1-1 s).
+BATCH_WAIT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+# One forward pass: ~5 ms (small model, GPU) up to a minute (bart-large, full budget, CPU).
+INFERENCE_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# Record timestamp to acknowledged output: ~10 ms when caught up, up to an hour while
+# working off a backlog (old records), so the buckets span 10 ms .. 1 h.
+END_TO_END_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)
+# fmt: on
+
+RebalanceKind = Literal["assigned", "revoked", "lost"]
+REBALANCE_KINDS: tuple[RebalanceKind, ...] = ("assigned", "revoked", "lost")
+# librdkafka's id of its internal "unassigned" partition, present in every statistics topic.
+UNASSIGNED_PARTITION = -1
+PartitionKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuMemory:
+    """Memory of one CUDA device as the torch caching allocator sees it."""
+
+    device: str
+    allocated_bytes: int
+    reserved_bytes: int
+
+
+GpuMemoryProbe = Callable[[], Sequence[GpuMemory]]
+
+
+def torch_cuda_memory() -> list[GpuMemory]:
+    """Per-device CUDA memory, or nothing when this process has not initialised CUDA.
+
+    torch is looked up in ``sys.modules`` rather than imported: a worker that never imported
+    torch (or never touched CUDA) is by definition not using GPU memory, and a scrape must
+    neither pay for importing torch nor initialise CUDA from the HTTP thread.
+    """
+    torch: Any = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return []
+    return [
+        GpuMemory(
+            device=f"cuda:{index}",
+            allocated_bytes=int(torch.cuda.memory_allocated(index)),
+            reserved_bytes=int(torch.cuda.memory_reserved(index)),
+        )
+        for index in range(torch.cuda.device_count())
+    ]
+
+
+def _metric_name(suffix: str) -> str:
+    return f"{PREFIX}_{suffix}"
+
+
+def _partition_lag(stats: dict[str, Any]) -> int | None:
+    """Messages not yet finished in one ``topics.*.partitions.*`` statistics object.
+
+    librdkafka reports -1 for a lag it cannot compute (no stored / committed offset yet).
+    An empty log (high == low watermark) has nothing to consume whatever the offsets are.
+    """
+    for field in ("consumer_lag_stored", "consumer_lag"):
+        value = stats.get(field)
+        if isinstance(value, int) and value >= 0:
+            return value
+    high, low = stats.get("hi_offset"), stats.get("lo_offset")
+    if isinstance(high, int) and high >= 0 and high == low:
+        return 0
+    return None
+
+
+class _LagTracker:
+    """Per-partition lag state, written by the poll thread and read by scrapes."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._messages: dict[PartitionKey, int] = {}
+        self._last_record_s: dict[PartitionKey, float] = {}
+        # None until the worker reports a rebalance; then statistics are limited to it.
+        self._assigned: set[PartitionKey] | None = None
+
+    def assign(self, keys: Iterable[PartitionKey]) -> int:
+        with self._lock:
+            if self._assigned is None:
+                self._assigned = set()
+            self._assigned.update(keys)
+            return len(self._assigned)
+
+    def revoke(self, keys: Iterable[PartitionKey]) -> int:
+        with self._lock:
+            if self._assigned is None:
+                self._assigned = set()
+            for key in keys:
+                self._assigned.discard(key)
+                self._messages.pop(key, None)
+                self._last_record_s.pop(key, None)
+            return len(self._assigned)
+
+    def observe_record(self, key: PartitionKey, timestamp_s: float) -> None:
+        with self._lock:
+            if self._assigned is None or key in self._assigned:
+                self._last_record_s[key] = timestamp_s
+
+    def update(self, lags: dict[PartitionKey, int | None], unwanted: set[PartitionKey]) -> None:
+        with self._lock:
+            for key in unwanted:
+                self._messages.pop(key, None)
+            for key, lag in lags.items():
+                if self._assigned is not None and key not in self._assigned:
+                    continue
+                if lag is None:
+                    self._messages.pop(key, None)
+                else:
+                    self._messages[key] = lag
+
+    def snapshot(self) -> tuple[dict[PartitionKey, int], dict[PartitionKey, float]]:
+        """(lag in messages, lag in seconds) per partition, as defined in the module doc."""
+        now = self._clock()
+        with self._lock:
+            messages = dict(self._messages)
+            last_record = dict(self._last_record_s)
+        seconds: dict[PartitionKey, float] = {}
+        for key, lag in messages.items():
+            if lag == 0:
+                seconds[key] = 0.0
+            elif key in last_record:
+                seconds[key] = max(0.0, now - last_record[key])
+        return messages, seconds
+
+
+def parse_statistics(
+    stats_json: str | bytes,
+) -> tuple[dict[PartitionKey, int | None], set[PartitionKey]]:
+    """Lag per wanted partition (None: unknown) and the partitions librdkafka no longer wants."""
+    stats = orjson.loads(stats_json)
+    lags: dict[PartitionKey, int | None] = {}
+    unwanted: set[PartitionKey] = set()
+    topics = stats.get("topics") if isinstance(stats, dict) else None
+    if not isinstance(topics, dict):
+        return lags, unwanted
+    for topic, topic_stats in topics.items():
+        partitions = topic_stats.get("partitions") if isinstance(topic_stats, dict) else None
+        if not isinstance(partitions, dict):
+            continue
+        for partition_stats in partitions.values():
+            if not isinstance(partition_stats, dict):
+                continue
+            partition = partition_stats.get("partition")
+            if not isinstance(partition, int) or partition == UNASSIGNED_PARTITION:
+                continue
+            key = (str(topic), partition)
+            if partition_stats.get("desired", True) is False:
+                unwanted.add(key)
+            else:
+                lags[key] = _partition_lag(partition_stats)
+    return lags, unwanted
+
+
+class _LagCollector(Collector):
+    """Lag gauges computed at scrape time, so lag in seconds keeps growing while stuck."""
+
+    def __init__(self, tracker: _LagTracker) -> None:
+        self._tracker = tracker
+
+    def describe(self) -> list[Metric]:
+        return list(self._families({}, {}))
+
+    def collect(self) -> Iterator[Metric]:
+        messages, seconds = self._tracker.snapshot()
+        yield from self._families(messages, seconds)
+
+    @staticmethod
+    def _families(
+        messages: dict[PartitionKey, int], seconds: dict[PartitionKey, float]
+    ) -> Iterator[GaugeMetricFamily]:
+        labels = ["topic", "partition"]
+        lag_messages = GaugeMetricFamily(
+            _metric_name("consumer_lag_messages"),
+            "Records of the partition not yet finished: high watermark minus stored "
+            "(else committed) offset, from librdkafka statistics.",
+            labels=labels,
+        )
+        for (topic, partition), lag in sorted(messages.items()):
+            lag_messages.add_metric([topic, str(partition)], float(lag))
+        yield lag_messages
+        lag_seconds = GaugeMetricFamily(
+            _metric_name("consumer_lag_seconds"),
+            "Age of the last consumed record while the partition has unfinished records; "
+            "0 once drained.",
+            labels=labels,
+        )
+        for (topic, partition), lag_s in sorted(seconds.items()):
+            lag_seconds.add_metric([topic, str(partition)], lag_s)
+        yield lag_seconds
+
+
+class _GpuMemoryCollector(Collector):
+    """GPU memory gauges sampled at scrape time; no series at all when CUDA is unused."""
+
+    def __init__(self, probe: GpuMemoryProbe) -> None:
+        self._probe = probe
+
+    def describe(self) -> list[Metric]:
+        return list(self._families([]))
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            devices = self._probe()
+        except Exception:  # a failing probe must not fail the whole scrape
+            _log.warning("GPU memory probe failed", exc_info=True)
+            devices = []
+        yield from self._families(devices)
+
+    @staticmethod
+    def _families(devices: Sequence[GpuMemory]) -> Iterator[GaugeMetricFamily]:
+        allocated = GaugeMetricFamily(
+            _metric_name("gpu_memory_allocated_bytes"),
+            "GPU memory held by live tensors (torch.cuda.memory_allocated).",
+            labels=["device"],
+        )
+        reserved = GaugeMetricFamily(
+            _metric_name("gpu_memory_reserved_bytes"),
+            "GPU memory reserved by the torch caching allocator (torch.cuda.memory_reserved).",
+            labels=["device"],
+        )
+        for gpu in devices:
+            allocated.add_metric([gpu.device], float(gpu.allocated_bytes))
+            reserved.add_metric([gpu.device], float(gpu.reserved_bytes))
+        yield allocated
+        yield reserved
+
+
+class WorkerMetrics:
+    """All metrics of one worker; every method is thread-safe and cheap on the hot path.
+
+    ``registry`` is what the ``/metrics`` endpoint serves. ``clock`` is the wall clock used for
+    lag and end-to-end latency against record timestamps (epoch milliseconds), so it must be
+    ``time.time``-like, not monotonic. ``gpu_memory_probe`` defaults to torch's CUDA allocator.
+    ``process_metrics`` adds the standard process/python/gc collectors to the registry.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        gpu_memory_probe: GpuMemoryProbe = torch_cuda_memory,
+        process_metrics: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._lag = _LagTracker(clock)
+        self._define_counters()
+        self._define_histograms()
+        self._define_gauges()
+        self.registry.register(_LagCollector(self._lag))
+        self.registry.register(_GpuMemoryCollector(gpu_memory_probe))
+        if process_metrics:
+            self._register_process_collectors()
+
+    # -- definitions -------------------------------------------------------------------------
+
+    def _define_counters(self) -> None:
+        reg = self.registry
+        self._consumed = Counter(
+            _metric_name("events_consumed"),
+            "Records read from the input topics.",
+            ["topic"],
+            registry=reg,
+        )
+        self._scored = Counter(
+            _metric_name("events_scored"),
+            "Scored events whose output the broker acknowledged.",
+            registry=reg,
+        )
+        self._dead_lettered = Counter(
+            _metric_name("events_dead_lettered"),
+            "Dead-letter records the broker acknowledged, by failing stage and error class.",
+            ["stage", "error_class"],
+            registry=reg,
+        )
+        self._discarded = Counter(
+            _metric_name("events_discarded"),
+            "Consumed records dropped without output or dead-letter record, by reason "
+            "(not_assigned, seen, revoked, lost, shutdown).",
+            ["reason"],
+            registry=reg,
+        )
+        self._produce_retries = Counter(
+            _metric_name("produce_retries"),
+            "Produce calls retried after a transient error.",
+            ["error"],
+            registry=reg,
+        )
+        self._batches = Counter(
+            _metric_name("batches"),
+            "Micro-batches closed, by what closed them (size, tokens, time, flush).",
+            ["reason"],
+            registry=reg,
+        )
+        self._commits = Counter(
+            _metric_name("offset_commits"), "Offset commits attempted.", registry=reg
+        )
+        self._commit_failures = Counter(
+            _metric_name("offset_commit_failures"), "Offset commits that failed.", registry=reg
+        )
+        self._rebalances = Counter(
+            _metric_name("rebalances"), "Rebalance callbacks, by kind.", ["kind"], registry=reg
+        )
+        self._rebalance_partitions = Counter(
+            _metric_name("rebalance_partitions"),
+            "Partitions assigned, revoked or lost in rebalances, by kind.",
+            ["kind"],
+            registry=reg,
+        )
+        for kind in REBALANCE_KINDS:
+            self._rebalances.labels(kind=kind)
+            self._rebalance_partitions.labels(kind=kind)
+
+    def _define_histograms(self) -> None:
+        reg = self.registry
+        self._batch_size = Histogram(
+            _metric_name("batch_size_events"),
+            "Events per scored micro-batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self._batch_tokens = Histogram(
+            _metric_name("batch_tokens"),
+            "Estimated tokens per scored micro-batch.",
+            buckets=BATCH_TOKENS_BUCKETS,
+            registry=reg,
+        )
+        self._batch_fill = Histogram(
+            _metric_name("batch_fill_ratio"),
+            "Events per batch divided by max_batch_size.",
+            buckets=BATCH_FILL_BUCKETS,
+            registry=reg,
+        )
+        self._batch_wait = Histogram(
+            _metric_name("batch_wait_seconds"),
+            "How long the first event of a batch waited for the batch to close.",
+            buckets=BATCH_WAIT_BUCKETS,
+            registry=reg,
+        )
+        self._inference = Histogram(
+            _metric_name("inference_seconds"),
+            "Scorer time per micro-batch.",
+            buckets=INFERENCE_BUCKETS,
+            registry=reg,
+        )
+        self._end_to_end = Histogram(
+            _metric_name("end_to_end_latency_seconds"),
+            "Record timestamp to acknowledged output (scored or dead-lettered).",
+            buckets=END_TO_END_BUCKETS,
+            registry=reg,
+        )
+
+    def _define_gauges(self) -> None:
+        reg = self.registry
+        self._in_flight = Gauge(
+            _metric_name("in_flight_batches"),
+            "Micro-batches handed to the inference thread and not yet scored.",
+            registry=reg,
+        )
+        self._paused = Gauge(
+            _metric_name("paused_partitions"),
+            "Assigned partitions paused for backpressure.",
+            registry=reg,
+        )
+        self._assigned = Gauge(
+            _metric_name("assigned_partitions"),
+            "Partitions assigned to this worker.",
+            registry=reg,
+        )
+        self._model_info = Info(
+            _metric_name("model"), "The model that scores the events.", registry=reg
+        )
+
+    def _register_process_collectors(self) -> None:
+        # prometheus_client's own instances live on the global REGISTRY; fresh ones bound to
+        # this registry give the same process_/python_ series without touching global state.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def record_consumed(self, topic: str, n: int = 1) -> None:
+        """Records handed to the worker by ``poll``/``consume`` (before any validation)."""
+        self._consumed.labels(topic=topic).inc(n)
+
+    def record_scored(self, n: int = 1) -> None:
+        """Scored events whose output produce the broker acknowledged."""
+        self._scored.inc(n)
+
+    def record_dead_lettered(self, stage: str, error_class: str, n: int = 1) -> None:
+        """Dead-letter records the broker acknowledged."""
+        self._dead_lettered.labels(stage=stage, error_class=error_class).inc(n)
+
+    def record_discarded(self, reason: str, n: int = 1) -> None:
+        """Consumed records dropped without output or dead-letter record (see the module
+        docstring for the reasons)."""
+        self._discarded.labels(reason=reason).inc(n)
+
+    def record_produce_retry(self, error: str) -> None:
+        """A produce hit a transient error (``KafkaError`` name) and is retried."""
+        self._produce_retries.labels(error=error).inc()
+
+    def record_commit(self, ok: bool) -> None:
+        """One offset commit attempt and whether it succeeded."""
+        self._commits.inc()
+        if not ok:
+            self._commit_failures.inc()
+
+    def record_rebalance(self, kind: RebalanceKind, partitions: Collection[PartitionKey]) -> None:
+        """A rebalance callback; keeps ``assigned_partitions`` and the lag series in step.
+
+        Call from ``on_assign`` ("assigned"), ``on_revoke`` ("revoked") and ``on_lost``
+        ("lost") with the callback's (topic, partition) pairs; incremental (cooperative) and
+        eager protocols both work. Revoked and lost partitions lose their lag series at once.
+        """
+        self._rebalances.labels(kind=kind).inc()
+        self._rebalance_partitions.labels(kind=kind).inc(len(partitions))
+        held = self._lag.assign(partitions) if kind == "assigned" else self._lag.revoke(partitions)
+        self._assigned.set(held)
+
+    # -- histograms --------------------------------------------------------------------------
+
+    def observe_batch(
+        self, size: int, tokens: int, max_batch_size: int, wait_s: float, reason: str = "unknown"
+    ) -> None:
+        """A micro-batch closed: its events, tokens, fill ratio, first-event wait, and why."""
+        self._batches.labels(reason=reason).inc()
+        self._batch_size.observe(size)
+        self._batch_tokens.observe(tokens)
+        if max_batch_size > 0:
+            self._batch_fill.observe(size / max_batch_size)
+        self._batch_wait.observe(max(0.0, wait_s))
+
+    def observe_inference(self, seconds: float) -> None:
+        """Duration of one ``Scorer.score`` call."""
+        self._inference.observe(max(0.0, seconds))
+
+    def observe_end_to_end(self, seconds: float) -> None:
+        """Latency of one record from its timestamp to its acknowledged output."""
+        self._end_to_end.observe(max(0.0, seconds))
+
+    def observe_end_to_end_since(self, timestamp_ms: int) -> None:
+        """End-to-end latency of a record with this Kafka timestamp (ignored when absent)."""
+        if timestamp_ms > 0:
+            self.observe_end_to_end(self._clock() - timestamp_ms / 1000.0)
+
+    # -- gauges ------------------------------------------------------------------------------
+
+    def set_in_flight(self, n: int) -> None:
+        self._in_flight.set(n)
+
+    def track_in_flight(self, source: Callable[[], float]) -> None:
+        """Sample in-flight batches at scrape time (e.g. ``lambda: handoff.in_flight``);
+        exact, and later :meth:`set_in_flight` calls no longer matter."""
+        self._in_flight.set_function(source)
+
+    def set_paused(self, n: int) -> None:
+        self._paused.set(n)
+
+    def set_model_info(self, info: ModelInfo) -> None:
+        self._model_info.info(
+            {
+                "name": info.name,
+                "revision": info.revision,
+                "scorer": info.scorer,
+                "device": info.device,
+                "dtype": info.dtype,
+            }
+        )
+
+    # -- lag ---------------------------------------------------------------------------------
+
+    def update_from_statistics(self, stats_json: str | bytes) -> None:
+        """librdkafka ``stats_cb``: refresh the lag in messages of every wanted partition.
+
+        Never raises: an exception in a confluent-kafka callback would surface from ``poll``.
+        """
+        try:
+            lags, unwanted = parse_statistics(stats_json)
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            _log.warning("unreadable librdkafka statistics ignored", exc_info=True)
+            return
+        self._lag.update(lags, unwanted)
+
+    def observe_record_timestamp(self, topic: str, partition: int, timestamp_ms: int) -> None:
+        """The Kafka timestamp (epoch ms) of the last record consumed from a partition.
+
+        Records without a timestamp (``TIMESTAMP_NOT_AVAILABLE``, -1) are ignored.
+        """
+        if timestamp_ms > 0:
+            self._lag.observe_record((topic, partition), timestamp_ms / 1000.0)
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format, as ``/metrics`` serves it."""
+        return generate_latest(self.registry)

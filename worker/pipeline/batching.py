@@ -1,0 +1,211 @@
+"""Micro-batching: valid events accumulate into batches that go to the inference thread.
+
+A batch closes at ``max_batch_size`` events, at the scorer's token budget, or
+``max_wait_ms`` after its first event, whichever comes first. Closed batches wait in
+:attr:`Batcher.ready` until the :class:`Handoff` to the inference thread has room: at
+most ``max_in_flight_batches`` batches are submitted and not yet finished, so one batch
+is assembled while the model runs another, and memory stays bounded when the model is
+slower than the input (the main thread then pauses fetching).
+
+The :class:`Batcher` is owned by the main thread; the :class:`Handoff` is the only object
+shared with the inference thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from worker.contract.events import InputEvent
+from worker.contract.scorer import ScoreRequest
+from worker.kafka.records import PartitionKey
+from worker.pipeline.offsets import Tracked
+
+
+class CloseReason(enum.StrEnum):
+    """Why a batch closed."""
+
+    SIZE = "size"
+    TOKENS = "tokens"
+    TIME = "time"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """A valid input event waiting to be scored."""
+
+    origin: Tracked
+    event: InputEvent
+    request: ScoreRequest
+    tokens: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events scored together in one call of the scorer."""
+
+    opened_at: float
+    items: list[PendingEvent] = field(default_factory=list)
+    tokens: int = 0
+    reason: CloseReason | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class Batcher:
+    """Fills micro-batches to a size cap, a token budget and a wait deadline."""
+
+    def __init__(
+        self,
+        max_size: int,
+        max_wait_s: float,
+        max_tokens: int,
+        clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[Batch], None] | None = None,
+    ) -> None:
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.max_tokens = max_tokens
+        self._clock = clock
+        self._on_close = on_close
+        self._open: Batch | None = None
+        self.ready: deque[Batch] = deque()
+
+    @property
+    def open_size(self) -> int:
+        return 0 if self._open is None else len(self._open)
+
+    def add(self, item: PendingEvent) -> None:
+        """Add an event; batches that close on it are appended to :attr:`ready`.
+
+        An event that would push the open batch over the token budget closes that batch
+        first and starts the next one. An event over the budget on its own is scored in a
+        batch of one (the scorer truncates it).
+        """
+        if self._open is not None and self._open.tokens + item.tokens > self.max_tokens:
+            self._close(CloseReason.TOKENS)
+        if self._open is None:
+            self._open = Batch(opened_at=self._clock())
+        self._open.items.append(item)
+        self._open.tokens += item.tokens
+        if len(self._open) >= self.max_size:
+            self._close(CloseReason.SIZE)
+        elif self._open.tokens >= self.max_tokens:
+            self._close(CloseReason.TOKENS)
+
+    def time_left(self) -> float | None:
+        """Seconds until the open batch is due to close; None when there is none."""
+        if self._open is None:
+            return None
+        return max(0.0, self._open.opened_at + self.max_wait_s - self._clock())
+
+    def close_if_due(self) -> None:
+        """Close the open batch if its first event has waited ``max_wait_ms``."""
+        if self._open is not None and self.time_left() == 0.0:
+            self._close(CloseReason.TIME)
+
+    def drop(self, keys: Collection[PartitionKey]) -> list[PendingEvent]:
+        """Remove the events of these partitions from the open and the ready batches."""
+        dropped: list[PendingEvent] = []
+        batches = [*self.ready, *([self._open] if self._open is not None else [])]
+        for batch in batches:
+            kept: list[PendingEvent] = []
+            for item in batch.items:
+                (dropped if item.origin.record.partition_key in keys else kept).append(item)
+            if len(kept) != len(batch.items):
+                batch.items = kept
+                batch.tokens = sum(item.tokens for item in kept)
+        self.ready = deque(batch for batch in self.ready if batch.items)
+        if self._open is not None and not self._open.items:
+            self._open = None
+        return dropped
+
+    def discard_all(self) -> int:
+        """Forget every batch not yet handed off (shutdown); returns the event count."""
+        count = self.open_size + sum(len(batch) for batch in self.ready)
+        self._open = None
+        self.ready.clear()
+        return count
+
+    def _close(self, reason: CloseReason) -> None:
+        if self._open is None:
+            return
+        batch, self._open = self._open, None
+        batch.reason = reason
+        self.ready.append(batch)
+        if self._on_close is not None:
+            self._on_close(batch)
+
+
+class Handoff:
+    """The bounded hand-over of batches from the main thread to the inference thread.
+
+    ``in_flight`` counts batches submitted and not yet finished (queued or being scored);
+    :meth:`try_submit` refuses a batch while it is at ``limit``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._queue: deque[Batch] = deque()
+        self._in_flight = 0
+        self._closed = False
+        self._condition = threading.Condition()
+
+    @property
+    def in_flight(self) -> int:
+        with self._condition:
+            return self._in_flight
+
+    def try_submit(self, batch: Batch) -> bool:
+        """Main thread: hand a batch over unless ``limit`` batches are in flight."""
+        with self._condition:
+            if self._in_flight >= self.limit or self._closed:
+                return False
+            self._in_flight += 1
+            self._queue.append(batch)
+            self._condition.notify_all()
+            return True
+
+    def take(self) -> Batch | None:
+        """Inference thread: the next batch, blocking; None once closed and drained."""
+        with self._condition:
+            while not self._queue and not self._closed:
+                self._condition.wait()
+            return self._queue.popleft() if self._queue else None
+
+    def finished(self) -> None:
+        """Inference thread: the batch taken last is done (its records are produced)."""
+        with self._condition:
+            self._in_flight -= 1
+            self._condition.notify_all()
+
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Main thread: wait until :meth:`try_submit` would accept a batch; False on
+        timeout (or once closed). Lets the main thread wait for the model without taking
+        more input (which would mean pausing the consumer; see :mod:`worker.pipeline.worker`)."""
+        with self._condition:
+            return (
+                self._condition.wait_for(
+                    lambda: self._in_flight < self.limit or self._closed, timeout=timeout_s
+                )
+                and not self._closed
+            )
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no batch is in flight; False on timeout."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
+
+    def close(self, *, discard_queued: bool = False) -> None:
+        """No more batches; the inference thread stops after the queued ones (or at once)."""
+        with self._condition:
+            self._closed = True
+            if discard_queued:
+                self._in_flight -= len(self._queue)
+                self._queue.clear()
+            self._condition.notify_all()

@@ -1,0 +1,287 @@
+"""Writes scored and dead-letter records, and turns broker acknowledgements into done offsets.
+
+Any thread may :meth:`ProducerStage.send`; only the main thread calls :meth:`serve` and
+:meth:`flush`, so delivery callbacks, retries and offset bookkeeping all run there.
+
+What happens to a record the broker did not take:
+
+* transient error (broker down, timeout, leader moving): sent again after an
+  exponential backoff, as often as it takes; never dead-lettered;
+* too large: sent once more alone (a batch can be too large because of its neighbours);
+  a scored event that is too large on its own dead-letters its input (stage
+  ``produce``); a dead-letter record that is too large stops the worker, because its
+  offset can never be done;
+* anything else (authorization, fatal idempotent-producer state, unknown permanent
+  errors): stops the worker, which then commits only what is done.
+
+A record acknowledged after its partition was revoked is written all the same (and counted
+as such); one that failed, or waited for a retry, meanwhile is dropped and reported through
+``on_abandoned``: the partition's next owner processes that input again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from worker.config.settings import KafkaSettings
+from worker.contract.deadletter import Failure, Stage, WorkerIdentity, dead_letter_headers
+from worker.errors import KafkaFatalError
+from worker.kafka.config import producer_config
+from worker.kafka.errors import ErrorKind, classify, is_fatal
+from worker.kafka.records import OutHeaders
+from worker.pipeline.observer import DiscardReason, Observer
+from worker.pipeline.offsets import Tracked
+
+log = structlog.get_logger(__name__)
+
+# First retry after a tenth of a second: most transient errors (leader moves) are over.
+RETRY_BACKOFF_INITIAL_S: Final = 0.1
+# Never wait more than half a minute between tries: a broker back from maintenance is
+# picked up quickly.
+RETRY_BACKOFF_MAX_S: Final = 30.0
+# +-20 % jitter keeps many workers from retrying in lockstep after a shared outage.
+RETRY_JITTER: Final = 0.2
+# How long a thread waits for librdkafka's local queue to drain when it is full.
+QUEUE_FULL_WAIT_S: Final = 0.05
+
+RecordKind = Literal["output", "dead_letter"]
+# Called (main or inference thread) for a record this worker gives up on because its
+# partition is no longer assigned here; the worker turns it into a discard with a reason.
+AbandonHook = Callable[[Tracked], None]
+
+
+@dataclass(slots=True, eq=False)
+class Outbound:
+    """One record to write, and the input whose offset it completes."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: OutHeaders
+    kind: RecordKind
+    origin: Tracked
+    attempts: int = 0
+    solo: bool = False
+    # Why the input is dead-lettered (dead-letter records only): counted on acknowledgement.
+    failure: Failure | None = None
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds before try ``attempt + 1``: doubling from 0.1 s up to 30 s, jittered."""
+    base = min(RETRY_BACKOFF_MAX_S, RETRY_BACKOFF_INITIAL_S * 2 ** max(0, attempt - 1))
+    return float(base * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
+
+
+def abandon_as_revoked(observer: Observer) -> AbandonHook:
+    """The default :data:`AbandonHook`: report the record as discarded, ``revoked``."""
+
+    def abandon(origin: Tracked) -> None:
+        observer.record_discarded(origin.record.partition_key, DiscardReason.REVOKED)
+
+    return abandon
+
+
+class ProducerStage:
+    """The worker's idempotent producer (plus a lazily created one-record-per-request one).
+
+    ``client_config``: extra librdkafka settings for both producers (the structlog
+    ``logger``), under the worker's own settings.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        identity: WorkerIdentity,
+        observer: Observer,
+        *,
+        client_config: Mapping[str, Any] | None = None,
+        on_abandoned: AbandonHook | None = None,
+    ) -> None:
+        self._kafka = kafka
+        self._identity = identity
+        self._observer = observer
+        self._client_config = dict(client_config or {})
+        self._on_abandoned = on_abandoned or abandon_as_revoked(observer)
+        self._dead_letter_topic = kafka.dead_letter_topic
+        self._producer = Producer(self._config(producer_config(kafka)))
+        self._solo: Producer | None = None
+        self._serving_thread = threading.get_ident()
+        self._failed_sends: deque[tuple[Outbound, KafkaError]] = deque()
+        self._retries: list[tuple[float, int, Outbound]] = []
+        self._sequence = itertools.count()
+        self.fatal: KafkaFatalError | None = None
+
+    # -- any thread ---------------------------------------------------------------------
+
+    def send(self, record: Outbound) -> None:
+        """Hand a record to librdkafka; failures are handled on the main thread."""
+        producer = self._solo_producer() if record.solo else self._producer
+        record.attempts += 1
+        while True:
+            try:
+                producer.produce(
+                    record.topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    on_delivery=lambda error, message: self._on_delivery(record, error, message),
+                )
+                return
+            except BufferError:
+                self._wait_for_queue_room(producer)
+            except KafkaException as exc:
+                self._failed_sends.append((record, exc.args[0]))
+                return
+
+    def dead_letter(self, origin: Tracked, failure: Failure) -> None:
+        """Send the input, unchanged, to the dead-letter topic."""
+        record = origin.record
+        headers = dead_letter_headers(record, failure, self._identity, datetime.now(UTC))
+        log.warning(
+            "dead-lettering input",
+            stage=failure.stage.value,
+            error_class=failure.error_class,
+            error=failure.message[:200],
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        self.send(
+            Outbound(
+                topic=self._dead_letter_topic,
+                key=record.key,
+                value=record.value,
+                headers=headers,
+                kind="dead_letter",
+                origin=origin,
+                failure=failure,
+            )
+        )
+
+    # -- main thread --------------------------------------------------------------------
+
+    def serve(self, timeout_s: float = 0.0) -> None:
+        """Run delivery callbacks, handle failed sends, and resend due retries."""
+        self._producer.poll(timeout_s)
+        if self._solo is not None:
+            self._solo.poll(0)
+        while self._failed_sends:
+            record, error = self._failed_sends.popleft()
+            self._handle_failure(record, error)
+        self._resend_due()
+
+    def outstanding(self) -> int:
+        """Records not acknowledged yet (queued in librdkafka or waiting for a retry)."""
+        queued = len(self._producer) + (len(self._solo) if self._solo is not None else 0)
+        return queued + len(self._retries) + len(self._failed_sends)
+
+    def next_retry_in(self) -> float | None:
+        """Seconds until the next retry is due, if any is scheduled."""
+        if not self._retries:
+            return None
+        return max(0.0, self._retries[0][0] - time.monotonic())
+
+    def close(self) -> None:
+        for producer in (self._producer, self._solo):
+            if producer is not None:
+                producer.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {**self._client_config, **config, "error_cb": self._on_client_error}
+
+    def _solo_producer(self) -> Producer:
+        if self._solo is None:
+            self._solo = Producer(self._config(producer_config(self._kafka, solo=True)))
+        return self._solo
+
+    def _wait_for_queue_room(self, producer: Producer) -> None:
+        if threading.get_ident() == self._serving_thread:
+            producer.poll(QUEUE_FULL_WAIT_S)
+        else:
+            time.sleep(QUEUE_FULL_WAIT_S)
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        if is_fatal(error):
+            self._fail(f"producer error: {error.str()}")
+        else:
+            log.warning("producer client error (retried by librdkafka)", error=error.str())
+
+    def _on_delivery(self, record: Outbound, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self._handle_failure(record, error)
+            return
+        if record.origin.active:
+            record.origin.mark_done()
+        # Counted even for a revoked partition: the record is in the topic all the same.
+        timestamp_ms = record.origin.record.timestamp_ms
+        latency = None if timestamp_ms is None else max(0.0, time.time() - timestamp_ms / 1000)
+        self._observer.delivery_acked(record.kind, latency)
+        if record.failure is not None:
+            self._observer.record_dead_lettered(
+                record.failure.stage.value, record.failure.error_class
+            )
+
+    def _handle_failure(self, record: Outbound, error: KafkaError) -> None:
+        kind = classify(error)
+        if kind is ErrorKind.FATAL:
+            self._fail(f"cannot write to {record.topic}: {error.str()}")
+        elif not record.origin.active:
+            self._on_abandoned(record.origin)  # the next owner of the partition redoes it
+        elif kind is ErrorKind.RETRIABLE:
+            self._schedule_retry(record, error)
+        elif not record.solo:
+            record.solo = True
+            self.send(record)
+        elif record.kind == "output":
+            failure = Failure(Stage.PRODUCE, error.name(), error.str(), record.attempts)
+            self.dead_letter(record.origin, failure)
+        else:
+            self._fail(
+                f"dead-letter record for {record.origin.record.topic}"
+                f"[{record.origin.record.partition}]@{record.origin.record.offset} "
+                f"cannot be written to {record.topic}: {error.str()}; its offset stays uncommitted"
+            )
+
+    def _schedule_retry(self, record: Outbound, error: KafkaError) -> None:
+        delay = backoff_delay(record.attempts)
+        source = record.origin.record
+        log.warning(
+            "transient produce error, retrying",
+            destination=record.topic,
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            error=error.str(),
+            attempt=record.attempts,
+            delay_s=round(delay, 3),
+        )
+        self._observer.produce_retried(error.name(), record.attempts, delay)
+        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._sequence), record))
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now:
+            _, _, record = heapq.heappop(self._retries)
+            if record.origin.active:
+                self.send(record)
+            else:
+                self._on_abandoned(record.origin)
+
+    def _fail(self, message: str) -> None:
+        if self.fatal is None:
+            log.error("fatal Kafka error", error=message)
+            self.fatal = KafkaFatalError(message)

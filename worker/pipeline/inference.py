@@ -1,0 +1,229 @@
+"""The inference thread: scores each batch and produces one record per input.
+
+The scorer never raises for a single event (it returns a :class:`ScoreError`), but a
+whole call can still fail (out of memory, a bug on one odd input). The batch is then
+scored again one event at a time, so only the events that fail on their own are
+dead-lettered (stage ``inference``); the others are scored normally.
+
+Events of a partition revoked while their batch waited are skipped (and reported through
+``on_abandoned``): the partition's new owner scores them.
+
+Every batch carries the number the main thread gave it on submission
+(:class:`SubmittedBatch`); the inference thread binds it as ``batch_id`` to every log line
+it writes while processing that batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import structlog
+
+from worker.config.settings import TaggingSettings
+from worker.contract.codec import encode_output
+from worker.contract.deadletter import Failure, Stage, source_headers
+from worker.contract.events import Source
+from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
+from worker.errors import WarmUpError
+from worker.pipeline.batching import Batch, Handoff, PendingEvent
+from worker.pipeline.delivery import AbandonHook, Outbound, ProducerStage, abandon_as_revoked
+from worker.pipeline.observer import Observer
+
+log = structlog.get_logger(__name__)
+
+THREAD_NAME = "tagstream-inference"
+# The start-up warm-up request: an ordinary sentence, so the first forward pass (CUDA
+# context, kernels, compilation, allocator) happens before any real event waits for it.
+WARM_UP_TEXT: Final = "Tagstream warm-up: the model scores one short sentence before it starts."
+# Used when no default labels are configured (the events bring their own).
+WARM_UP_LABEL: Final = "warm-up"
+
+
+def warm_up(scorer: Scorer, tagging: TaggingSettings) -> None:
+    """Score one synthetic request with the configured defaults; raises :class:`WarmUpError`
+    when the scorer raises or returns a :class:`ScoreError` for it."""
+    labels = tuple(tagging.labels) or (WARM_UP_LABEL,)
+    request = ScoreRequest(
+        text=WARM_UP_TEXT,
+        labels=labels,
+        multi_label=tagging.multi_label,
+        hypothesis_template=tagging.hypothesis_template,
+    )
+    try:
+        outcomes = scorer.score([request])
+    except Exception as exc:
+        raise WarmUpError(f"the scorer raised on the warm-up request: {exc!r}") from exc
+    if len(outcomes) != 1:
+        raise WarmUpError(f"the scorer returned {len(outcomes)} results for 1 warm-up request")
+    outcome = outcomes[0]
+    if isinstance(outcome, ScoreError):
+        raise WarmUpError(f"the warm-up request failed: {outcome.error_class}: {outcome.message}")
+
+
+@dataclass(slots=True)
+class SubmittedBatch(Batch):
+    """A batch as handed to the inference thread: numbered for the logs of both threads."""
+
+    batch_id: int = 0
+
+    @classmethod
+    def of(cls, batch: Batch, batch_id: int) -> SubmittedBatch:
+        return cls(
+            opened_at=batch.opened_at,
+            items=batch.items,
+            tokens=batch.tokens,
+            reason=batch.reason,
+            batch_id=batch_id,
+        )
+
+
+def source_of(item: PendingEvent) -> Source:
+    record = item.origin.record
+    return Source(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp=record.timestamp_ms,
+    )
+
+
+class InferenceStage:
+    """Runs the scorer on its own thread, fed by a :class:`Handoff`."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        handoff: Handoff,
+        *,
+        producer: ProducerStage,
+        tagging: TaggingSettings,
+        output_topic: str,
+        observer: Observer,
+        on_abandoned: AbandonHook | None = None,
+    ) -> None:
+        self._scorer = scorer
+        self._handoff = handoff
+        self._producer = producer
+        self._tagging = tagging
+        self._output_topic = output_topic
+        self._observer = observer
+        self._on_abandoned = on_abandoned or abandon_as_revoked(observer)
+        # Daemon: a scorer stuck in native code must not keep a stopping worker alive.
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self.crashed: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread to end (after :meth:`Handoff.close`); False on timeout."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                batch_id = batch.batch_id if isinstance(batch, SubmittedBatch) else None
+                try:
+                    with structlog.contextvars.bound_contextvars(batch_id=batch_id):
+                        self.process(batch)
+                finally:
+                    self._handoff.finished()
+        except BaseException as exc:  # the main thread reports it and stops the worker
+            log.exception("inference thread crashed")
+            self.crashed = exc
+
+    def _next_batch(self) -> Batch | None:
+        with self._observer.waiting_for_batch():
+            return self._handoff.take()
+
+    def process(self, batch: Batch) -> None:
+        """Score one batch and hand its output and dead-letter records to the producer."""
+        items = self._active(batch.items)
+        if not items:
+            log.debug("batch skipped: its partitions were revoked", size=len(batch))
+            return
+        started = time.monotonic()
+        outcomes = self._score([item.request for item in items])
+        duration_s = time.monotonic() - started
+        failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
+        self._observer.batch_scored(len(items), failed, duration_s)
+        log.debug(
+            "batch scored",
+            size=len(items),
+            skipped=len(batch) - len(items),
+            failed=failed,
+            tokens=batch.tokens,
+            duration_s=round(duration_s, 4),
+        )
+        scored_at = datetime.now(UTC)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if item.origin.active:
+                self._emit(item, outcome, scored_at)
+            else:
+                self._on_abandoned(item.origin)
+
+    def _active(self, items: Sequence[PendingEvent]) -> list[PendingEvent]:
+        """The items whose partition is still assigned; the others are abandoned."""
+        active: list[PendingEvent] = []
+        for item in items:
+            if item.origin.active:
+                active.append(item)
+            else:
+                self._on_abandoned(item.origin)
+        return active
+
+    def _score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        try:
+            outcomes = self._scorer.score(requests)
+            if len(outcomes) != len(requests):
+                raise RuntimeError(f"scorer returned {len(outcomes)} results for {len(requests)}")
+            return outcomes
+        except Exception:
+            if len(requests) == 1:
+                raise
+            log.warning("batch scoring failed, scoring events one by one", exc_info=True)
+        return [self._score_one(request) for request in requests]
+
+    def _score_one(self, request: ScoreRequest) -> ScoreOutcome:
+        try:
+            return self._score([request])[0]
+        except Exception as exc:
+            return ScoreError.from_exception(exc)
+
+    def _emit(self, item: PendingEvent, outcome: ScoreOutcome, scored_at: datetime) -> None:
+        if isinstance(outcome, LabelScores):
+            try:
+                value = self._encode(item, outcome, scored_at)
+            except Exception as exc:  # scores that break the output contract
+                outcome = ScoreError.from_exception(exc)
+            else:
+                self._producer.send(
+                    Outbound(
+                        topic=self._output_topic,
+                        key=item.origin.record.key,
+                        value=value,
+                        headers=source_headers(item.origin.record),
+                        kind="output",
+                        origin=item.origin,
+                    )
+                )
+                return
+        failure = Failure(Stage.INFERENCE, outcome.error_class, outcome.message)
+        self._producer.dead_letter(item.origin, failure)
+
+    def _encode(self, item: PendingEvent, scores: LabelScores, scored_at: datetime) -> bytes:
+        return encode_output(
+            item.event,
+            item.request,
+            scores,
+            item.origin.record,
+            self._tagging,
+            self._scorer.info,
+            scored_at,
+        )

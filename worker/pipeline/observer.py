@@ -1,0 +1,96 @@
+"""Hooks at the worker's notable moments, for metrics and health (and anything else that watches).
+
+The pipeline calls one method of an :class:`Observer` at each moment below; the base
+class does nothing, so a metrics implementation overrides only what it measures. Hooks
+run on the thread named in their docstring and must return quickly and never raise.
+
+Accounting: every record a poll returns is reported once by :meth:`Observer.records_consumed`
+and then ends in exactly one of :meth:`Observer.delivery_acked` with kind ``output``
+(scored), :meth:`Observer.record_dead_lettered` (its dead-letter record was acknowledged),
+or :meth:`Observer.record_discarded` (this worker gave up on it; :class:`DiscardReason`
+says why). See :mod:`worker.observability.metrics` for the resulting identity.
+
+Logging is not done here: each stage logs for itself through structlog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+
+from worker.kafka.records import InputRecord, PartitionKey
+
+
+class DiscardReason(enum.StrEnum):
+    """Why a consumed record left neither an output nor a dead-letter record here."""
+
+    # Polled for a partition this worker does not (or no longer) hold.
+    NOT_ASSIGNED = "not_assigned"
+    # An offset at or below one already received in this assignment (a refetch).
+    SEEN = "seen"
+    # Its partition was revoked before its result was written; the next owner redoes it.
+    REVOKED = "revoked"
+    # Its partition was lost (the group moved on); the next owner redoes it.
+    LOST = "lost"
+    # The worker stopped before processing it; it stays uncommitted for the next owner.
+    SHUTDOWN = "shutdown"
+
+
+class Observer:
+    """No-op hooks; subclass and override what you need."""
+
+    def records_consumed(self, records: Sequence[InputRecord]) -> None:
+        """Main thread: the records one poll returned (before decoding or any discard)."""
+
+    def record_discarded(self, key: PartitionKey, reason: str) -> None:
+        """Main or inference thread: a consumed record was dropped without an output or a
+        dead-letter record (``reason``: a :class:`DiscardReason`)."""
+
+    def batch_closed(self, size: int, tokens: int, reason: str, age_s: float) -> None:
+        """Main thread: a micro-batch closed (``reason``: size, tokens, time, flush)."""
+
+    def batch_submitted(self, size: int, in_flight: int) -> None:
+        """Main thread: a batch went to the inference thread; ``in_flight`` counts it."""
+
+    def batch_scored(self, size: int, failed: int, duration_s: float) -> None:
+        """Inference thread: the scorer returned; ``failed`` events got a ScoreError."""
+
+    def record_dead_lettered(self, stage: str, error_class: str) -> None:
+        """Main thread: the broker acknowledged a dead-letter record."""
+
+    def delivery_acked(self, kind: str, latency_s: float | None) -> None:
+        """Main thread: the broker acknowledged an ``output`` or ``dead_letter`` record
+        (also when its partition was revoked meanwhile: the record is written all the
+        same); ``latency_s`` runs from the input record's timestamp (None without one)."""
+
+    def produce_retried(self, error_name: str, attempt: int, delay_s: float) -> None:
+        """Main thread: a transient produce error, retried after ``delay_s``."""
+
+    def commit_done(self, partitions: int) -> None:
+        """Main thread: the broker stored new committed offsets for ``partitions``."""
+
+    def commit_failed(self, error_name: str) -> None:
+        """Main thread: a commit failed (it is retried at the next interval)."""
+
+    def rebalance(self, kind: str, partitions: Sequence[PartitionKey]) -> None:
+        """Main thread: partitions ``assigned``, ``revoked`` or ``lost``."""
+
+    def paused(self, partitions: int) -> None:
+        """Main thread: fetching is paused; ``partitions`` are paused now."""
+
+    def resumed(self, partitions: int) -> None:
+        """Main thread: there is room again; fetching resumed."""
+
+    def loop_iteration(self) -> None:
+        """Main thread: the poll loop made progress (once per turn, records or not, and
+        on every wait while draining): the liveness heartbeat of the main thread."""
+
+    def waiting_for_batch(self) -> AbstractContextManager[None]:
+        """Inference thread: wraps its blocking wait for the next batch, so that an idle
+        inference thread is told apart from a stuck one."""
+        return contextlib.nullcontext()
+
+    def stopping(self) -> None:
+        """Main thread: the worker began to stop (a signal or a fatal error)."""

@@ -1,0 +1,158 @@
+"""Which offsets are done, per partition, and so which offset may be committed.
+
+An offset is *done* when its output or dead-letter record is acknowledged by the broker.
+Acknowledgements arrive out of order (batches finish in any order, dead-letter records
+of invalid input are written at once), and partition offsets have gaps (compaction,
+transaction markers), so the tracker keeps the received offsets in arrival order and
+commits the first one that is not done yet, or the last received one + 1 when all are.
+
+Every assignment of a partition gets a fresh :class:`PartitionOffsets`. Revoking or
+losing the partition deactivates it: work still in flight for it then knows, through
+``active``, that its results belong to a past assignment and must be ignored.
+
+Not thread-safe: only the worker's main thread calls it (delivery callbacks run there).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from worker.kafka.records import InputRecord, PartitionKey
+
+
+class PartitionOffsets:
+    """The received and done offsets of one partition during one assignment."""
+
+    __slots__ = ("_last_received", "_order", "_waiting", "active", "committed", "key")
+
+    def __init__(self, key: PartitionKey) -> None:
+        self.key = key
+        self.active = True
+        self.committed: int | None = None
+        # Received offsets from the first one not done yet, in arrival (= offset) order.
+        self._order: deque[int] = deque()
+        # The offsets in _order that are not done yet.
+        self._waiting: set[int] = set()
+        self._last_received: int | None = None
+
+    @property
+    def pending(self) -> int:
+        """Received offsets that are not done yet."""
+        return len(self._waiting)
+
+    def receive(self, offset: int) -> bool:
+        """Record a consumed offset; ``False`` (ignore the record) if it is not new."""
+        if self._last_received is not None and offset <= self._last_received:
+            return False
+        if self._last_received is None and self.committed is None:
+            # The fetch of a fresh assignment starts at the group's position: no need to
+            # commit it again before something is done.
+            self.committed = offset
+        self._order.append(offset)
+        self._waiting.add(offset)
+        self._last_received = offset
+        return True
+
+    def mark_done(self, offset: int) -> None:
+        """Its output or dead-letter record was acknowledged. Offsets that are not waiting
+        (already done, or truncated away by a revoke) are ignored."""
+        if offset not in self._waiting:
+            return
+        self._waiting.remove(offset)
+        while self._order and self._order[0] not in self._waiting:
+            self._order.popleft()
+
+    def truncate_from(self, offset: int) -> None:
+        """Forget received offsets ``>= offset``: this worker will not process them, the
+        next owner of the partition will (they are not committed)."""
+        while self._order and self._order[-1] >= offset:
+            self._waiting.discard(self._order.pop())
+        if self._last_received is not None and self._last_received >= offset:
+            self._last_received = offset - 1
+
+    def position(self) -> int | None:
+        """The offset to commit: the first one not done, else the last received + 1."""
+        if self._order:
+            return self._order[0]
+        return None if self._last_received is None else self._last_received + 1
+
+    def commit_due(self) -> int | None:
+        """The position, if it moved since the last commit."""
+        position = self.position()
+        if position is None or position == self.committed:
+            return None
+        return position
+
+
+class OffsetTracker:
+    """Per-partition offset state of the current assignment."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[PartitionKey, PartitionOffsets] = {}
+
+    def __contains__(self, key: PartitionKey) -> bool:
+        return key in self._partitions
+
+    def get(self, key: PartitionKey) -> PartitionOffsets | None:
+        return self._partitions.get(key)
+
+    @property
+    def keys(self) -> list[PartitionKey]:
+        return list(self._partitions)
+
+    def assign(self, keys: Iterable[PartitionKey]) -> None:
+        """Start tracking newly assigned partitions from a clean slate."""
+        for key in keys:
+            previous = self._partitions.get(key)
+            if previous is not None:
+                previous.active = False
+            self._partitions[key] = PartitionOffsets(key)
+
+    def remove(self, keys: Iterable[PartitionKey]) -> list[PartitionOffsets]:
+        """Stop tracking partitions (revoked or lost); their in-flight work is now stale."""
+        removed = []
+        for key in keys:
+            state = self._partitions.pop(key, None)
+            if state is not None:
+                state.active = False
+                removed.append(state)
+        return removed
+
+    def pending(self, keys: Iterable[PartitionKey]) -> int:
+        """Offsets of these partitions still waiting for an acknowledgement."""
+        return sum(state.pending for key in keys if (state := self._partitions.get(key)))
+
+    def commits_due(self, keys: Iterable[PartitionKey] | None = None) -> dict[PartitionKey, int]:
+        """Positions that moved since their last commit (all partitions, or ``keys``)."""
+        chosen = self._partitions if keys is None else keys
+        due: dict[PartitionKey, int] = {}
+        for key in chosen:
+            state = self._partitions.get(key)
+            position = state.commit_due() if state is not None else None
+            if position is not None:
+                due[key] = position
+        return due
+
+    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+        for key, position in positions.items():
+            state = self._partitions.get(key)
+            if state is not None:
+                state.committed = position
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    """A consumed record and the assignment of its partition that received it."""
+
+    record: InputRecord
+    partition: PartitionOffsets
+
+    @property
+    def active(self) -> bool:
+        """False once the partition was revoked or lost: the work is someone else's now."""
+        return self.partition.active
+
+    def mark_done(self) -> None:
+        self.partition.mark_done(self.record.offset)

@@ -1,0 +1,447 @@
+"""The streaming worker: consume, micro-batch, score, produce, commit — at least once.
+
+Threads: the *main* thread polls the consumer, decodes records, dead-letters invalid ones,
+fills micro-batches, runs delivery callbacks and commits; the *inference* thread scores
+the batches and produces their records (:mod:`worker.pipeline.inference`). All offset state is
+touched by the main thread only.
+
+The commit, wherever it happens (every ``commit_interval_ms``, on revoke, on shutdown),
+is the same sequence:
+
+1. **flush outputs** — records handed to the producer are sent to the broker;
+2. **confirm delivery** — the broker's acknowledgements (delivery callbacks) mark their
+   input offsets done (:mod:`worker.pipeline.offsets`);
+3. **commit offsets** — per partition, the first offset not done (else the last received
+   + 1) is committed.
+
+Periodic commits take steps 1 and 2 as they come (the producer sends continuously and
+callbacks run on every loop); a revoke or a shutdown waits for them, bounded in time.
+Nothing is committed that is not acknowledged, so a crash at any point replays at most
+the uncommitted tail: duplicates, never loss.
+
+Every consumed record is reported to the :class:`~worker.pipeline.observer.Observer` once, and its
+fate once: scored, dead-lettered, or discarded with a
+:class:`~worker.pipeline.observer.DiscardReason` (see :mod:`worker.observability.metrics`
+for the identity).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import structlog
+from confluent_kafka import KafkaError
+
+from worker.config.loading import RunSettings
+from worker.contract.codec import decode_input, to_request
+from worker.contract.deadletter import Failure, Stage, WorkerIdentity
+from worker.contract.scorer import Scorer
+from worker.errors import EventError, KafkaFatalError
+from worker.exit_codes import EXIT_FATAL, EXIT_OK
+from worker.kafka.consumer import CommitOutcome, InputConsumer
+from worker.kafka.errors import NEEDS_GROUP_PROGRESS, REBALANCE_COMMIT_ERRORS, is_fatal
+from worker.kafka.records import InputRecord, PartitionKey, describe_partitions
+from worker.pipeline.batching import Batch, Batcher, Handoff, PendingEvent
+from worker.pipeline.delivery import ProducerStage
+from worker.pipeline.inference import InferenceStage, SubmittedBatch
+from worker.pipeline.observer import DiscardReason, Observer
+from worker.pipeline.offsets import OffsetTracker, Tracked
+
+log = structlog.get_logger(__name__)
+
+
+# Records per poll: enough to fill several batches per loop, few enough that decoding them
+# never delays the loop (and its delivery callbacks and commits) noticeably.
+POLL_MAX_RECORDS: Final = 500
+# Longest a poll waits for input when nothing else is due: bounds how late delivery
+# callbacks, commits and a stop request are noticed on an idle stream.
+POLL_IDLE_TIMEOUT_S: Final = 0.1
+# Poll timeout while a closed batch waits for room in the inference queue, so it is handed
+# over soon after the model finishes one.
+POLL_WAITING_TIMEOUT_S: Final = 0.005
+# Closed batches that have waited this long for the model pause the input: the model is
+# slower than the input, not merely busy with the previous batch.
+BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
+# Bound on records held in closed batches while the model is busy (x max_batch_size events).
+MAX_WAITING_BATCHES: Final = 16
+# How often a revoke or a shutdown checks whether in-flight work is acknowledged.
+DRAIN_POLL_S: Final = 0.05
+# A fatal stop still waits this long for acknowledgements that are already on their way.
+FATAL_DRAIN_S: Final = 1.0
+# Pause between tries of a refused synchronous commit: a rebalance step or a coordinator
+# lookup takes about this long.
+COMMIT_RETRY_S: Final = 0.1
+
+
+class Worker:
+    """One ``tagstream run`` process: builds the stages and runs the loop until stopped.
+
+    ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
+    and for the input consumer (observability: the log bridge, the statistics for the lag).
+    """
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        scorer: Scorer,
+        identity: WorkerIdentity,
+        observer: Observer | None = None,
+        *,
+        client_config: Mapping[str, Any] | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.scorer = scorer
+        self.observer = observer or Observer()
+        self.tracker = OffsetTracker()
+        # How each partition was last taken away, for the work of it still in flight.
+        self._gone: dict[PartitionKey, DiscardReason] = {}
+        self._next_batch_id = 1
+        self.producer = ProducerStage(
+            settings.kafka,
+            identity,
+            self.observer,
+            client_config=client_config,
+            on_abandoned=self._abandoned,
+        )
+        batch = settings.batch
+        self.batcher = Batcher(
+            max_size=batch.max_batch_size,
+            max_wait_s=batch.max_wait_ms / 1000,
+            max_tokens=scorer.max_batch_tokens,
+            on_close=self._batch_closed,
+        )
+        self.handoff = Handoff(batch.max_in_flight_batches)
+        self.inference = InferenceStage(
+            scorer,
+            self.handoff,
+            producer=self.producer,
+            tagging=settings.tagging,
+            output_topic=settings.kafka.output_topic,
+            observer=self.observer,
+            on_abandoned=self._abandoned,
+        )
+        self.consumer = InputConsumer(
+            settings.kafka,
+            self.observer,
+            self._on_commit_result,
+            client_config=consumer_config,
+        )
+        self._commit_interval_s = settings.delivery.commit_interval_ms / 1000
+        self._next_commit = time.monotonic() + self._commit_interval_s
+        self._stop_requested = False
+        self._blocked_since: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish in-flight work, commit and leave (the first SIGTERM/SIGINT)."""
+        self._stop_requested = True
+
+    def run(self) -> int:
+        """Run until :meth:`request_stop` or a fatal error; returns the exit code."""
+        self.inference.start()
+        self.consumer.subscribe(self)
+        log.info("worker started", subscription=self.settings.kafka.subscription)
+        try:
+            while not self._stop_requested:
+                self.step()
+        except KafkaFatalError as exc:
+            return self.stop_fatally(str(exc))
+        except Exception as exc:  # a bug: still commit what is done before dying
+            log.exception("unexpected error in the main loop")
+            return self.stop_fatally(repr(exc))
+        return self.shutdown()
+
+    def step(self) -> None:
+        """One turn of the main loop."""
+        self.observer.loop_iteration()
+        records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
+        self.accept(records)
+        self.batcher.close_if_due()
+        self.submit_ready_batches()
+        self.producer.serve()
+        self.commit_if_due()
+        self.check_health()
+
+    def shutdown(self) -> int:
+        """Graceful stop, bounded by ``shutdown_timeout_s``: the commit sequence for every
+        partition, then leave the group.
+
+        Batches not yet handed to the inference thread are dropped (their offsets stay
+        uncommitted). Meanwhile the consumer keeps serving the group protocol, without
+        keeping records, so a rebalance that is under way can finish and the final
+        commit is accepted.
+        """
+        deadline = time.monotonic() + self.settings.shutdown.shutdown_timeout_s
+        self.observer.stopping()
+        self.consumer.pause("stopping")
+        dropped = self._abandon_unstarted(self.tracker.keys, DiscardReason.SHUTDOWN)
+        log.info("stopping", in_flight_batches=self.handoff.in_flight, not_started=dropped)
+        self.handoff.close()
+        # 1. flush outputs + 2. confirm delivery
+        finished = self._drain(deadline, self._all_delivered, serve_group=True)
+        # 3. commit offsets
+        committed = self._commit(self.tracker.keys, deadline, serve_group=True)
+        if not (finished and committed):
+            log.warning(
+                "shutdown timeout: unfinished work left uncommitted",
+                in_flight_batches=self.handoff.in_flight,
+                unacknowledged=self.producer.outstanding(),
+                committed=committed,
+            )
+        self.consumer.close()
+        self.producer.close()
+        log.info("worker stopped")
+        return EXIT_OK
+
+    def stop_fatally(self, reason: str) -> int:
+        """Fatal error: commit only what is done, leave the group, exit non-zero."""
+        log.error("stopping on a fatal error", error=reason)
+        self.observer.stopping()
+        self.handoff.close(discard_queued=True)
+        deadline = time.monotonic() + FATAL_DRAIN_S
+        self._drain(deadline, self._all_delivered, serve_group=False)
+        self._commit(self.tracker.keys, deadline, serve_group=False)
+        self.consumer.close()
+        return EXIT_FATAL
+
+    # -- the loop's steps ---------------------------------------------------------------
+
+    def accept(self, records: list[InputRecord]) -> None:
+        """Count every polled record as consumed, then track each one (or discard it);
+        dead-letter invalid ones at once, batch the valid ones."""
+        if records:
+            self.observer.records_consumed(records)
+        for record in records:
+            tracked = self._track(record)
+            if tracked is not None:
+                self._admit(tracked)
+
+    def submit_ready_batches(self) -> None:
+        """Hand closed batches to the inference thread; pause input while it is full."""
+        ready = self.batcher.ready
+        while ready:
+            batch = SubmittedBatch.of(ready[0], self._next_batch_id)
+            if not self.handoff.try_submit(batch):
+                break
+            ready.popleft()
+            self._next_batch_id += 1
+            in_flight = self.handoff.in_flight
+            self.observer.batch_submitted(len(batch), in_flight)
+            log.debug(
+                "batch submitted",
+                batch_id=batch.batch_id,
+                size=len(batch),
+                tokens=batch.tokens,
+                reason=str(batch.reason),
+                in_flight=in_flight,
+            )
+        self._apply_backpressure(len(ready))
+
+    def _apply_backpressure(self, waiting_batches: int) -> None:
+        """Pause the input only when the model really falls behind.
+
+        Closed batches waiting for room are normal between two model calls; pausing at once
+        would make librdkafka drop its prefetched records and refetch them on resume (a round
+        trip of up to fetch.wait.max.ms each time). So the loop keeps polling (which also
+        serves rebalances and group heartbeats) and pauses only once batches have waited
+        ``BACKPRESSURE_PAUSE_AFTER_S`` or ``MAX_WAITING_BATCHES`` of them have piled up.
+        """
+        if waiting_batches == 0:
+            self._blocked_since = None
+            self.consumer.resume()
+            return
+        now = time.monotonic()
+        if self._blocked_since is None:
+            self._blocked_since = now
+        waited = now - self._blocked_since
+        if waited >= BACKPRESSURE_PAUSE_AFTER_S or waiting_batches >= MAX_WAITING_BATCHES:
+            self.consumer.pause("inference queue full")
+
+    def commit_if_due(self) -> None:
+        """Every ``commit_interval_ms``: commit the partitions whose position moved."""
+        if time.monotonic() < self._next_commit:
+            return
+        self._next_commit = time.monotonic() + self._commit_interval_s
+        positions = self.tracker.commits_due()
+        if positions:
+            self.consumer.commit_async(positions)
+            self.tracker.mark_committed(positions)
+
+    def _commit(self, keys: list[PartitionKey], deadline: float, *, serve_group: bool) -> bool:
+        """Synchronous commit of the done offsets of ``keys``, retried until ``deadline``
+        (a rebalance or a coordinator move makes the broker refuse it for a while).
+
+        ``serve_group``: poll the consumer between tries so a rebalance can complete;
+        impossible inside a rebalance callback, where only time can help.
+        """
+        while True:
+            positions = self.tracker.commits_due(keys)
+            if not positions:
+                return True
+            error = self.consumer.commit_sync(positions)
+            if error is None:
+                self.tracker.mark_committed(positions)
+                log.info("offsets committed", offsets=_describe_positions(positions))
+                return True
+            hopeless = not serve_group and error.code() in NEEDS_GROUP_PROGRESS
+            if hopeless or is_fatal(error) or time.monotonic() >= deadline:
+                log.warning("commit failed", error=error.name(), offsets=len(positions))
+                return False
+            log.info("commit refused, retrying", error=error.name())
+            if serve_group:
+                self._serve_group(COMMIT_RETRY_S)
+            else:
+                time.sleep(COMMIT_RETRY_S)
+
+    def check_health(self) -> None:
+        """Raise :class:`KafkaFatalError` if any stage hit a fatal error."""
+        if self.producer.fatal is not None:
+            raise self.producer.fatal
+        if self.consumer.fatal is not None:
+            raise self.consumer.fatal
+        if self.inference.crashed is not None:
+            raise KafkaFatalError(f"inference thread crashed: {self.inference.crashed!r}")
+
+    # -- rebalance callbacks (RebalanceListener) ----------------------------------------
+
+    def on_assigned(self, keys: list[PartitionKey]) -> None:
+        self.tracker.assign(keys)
+
+    def on_revoked(self, keys: list[PartitionKey]) -> None:
+        """Stop batching the partitions, wait (bounded) for their in-flight batches to be
+        acknowledged, commit their done offsets, and drop the rest for the next owner."""
+        self._gone.update(dict.fromkeys(keys, DiscardReason.REVOKED))
+        self._abandon_unstarted(keys, DiscardReason.REVOKED)
+        deadline = time.monotonic() + self.settings.shutdown.revoke_timeout_ms / 1000
+        drained = self._drain(deadline, lambda: self.tracker.pending(keys) == 0, serve_group=False)
+        if not drained:
+            log.warning(
+                "revoke timeout: unfinished work dropped",
+                pending=self.tracker.pending(keys),
+                partitions=describe_partitions(keys),
+            )
+        self._commit(keys, deadline, serve_group=False)
+        self.tracker.remove(keys)
+
+    def on_lost(self, keys: list[PartitionKey]) -> None:
+        """The group moved on without us: drop everything, commit nothing."""
+        self._gone.update(dict.fromkeys(keys, DiscardReason.LOST))
+        for item in self.batcher.drop(set(keys)):
+            self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
+        self.tracker.remove(keys)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _poll_timeout(self) -> float:
+        if self.batcher.ready:
+            return POLL_WAITING_TIMEOUT_S
+        candidates = [
+            POLL_IDLE_TIMEOUT_S,
+            max(0.0, self._next_commit - time.monotonic()),
+            self.batcher.time_left(),
+            self.producer.next_retry_in(),
+        ]
+        return min(value for value in candidates if value is not None)
+
+    def _track(self, record: InputRecord) -> Tracked | None:
+        state = self.tracker.get(record.partition_key)
+        if state is None or not state.active:
+            self.observer.record_discarded(record.partition_key, DiscardReason.NOT_ASSIGNED)
+            return None
+        if not state.receive(record.offset):
+            self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
+            return None
+        return Tracked(record, state)
+
+    def _admit(self, tracked: Tracked) -> None:
+        tagging = self.settings.tagging
+        try:
+            event = decode_input(tracked.record.value, tagging)
+            request = to_request(event, tagging)
+        except EventError as exc:
+            failure = Failure(Stage(exc.stage), type(exc).__name__, str(exc))
+            self.producer.dead_letter(tracked, failure)
+            return
+        try:
+            tokens = self.scorer.estimate_tokens(request)
+        except Exception as exc:
+            failure = Failure(Stage.INFERENCE, type(exc).__name__, str(exc))
+            self.producer.dead_letter(tracked, failure)
+            return
+        self.batcher.add(PendingEvent(tracked, event, request, tokens))
+
+    def _abandon_unstarted(self, keys: list[PartitionKey], reason: DiscardReason) -> int:
+        """Take the partitions' events out of the batches not handed over yet; they will
+        not be committed (the first of them per partition bounds the commit) and count as
+        discarded for ``reason``. Returns how many were dropped."""
+        first_dropped: dict[PartitionKey, int] = {}
+        dropped = self.batcher.drop(set(keys))
+        for item in dropped:
+            record = item.origin.record
+            self.observer.record_discarded(record.partition_key, reason)
+            current = first_dropped.get(record.partition_key)
+            if current is None or record.offset < current:
+                first_dropped[record.partition_key] = record.offset
+        for key, offset in first_dropped.items():
+            state = self.tracker.get(key)
+            if state is not None:
+                state.truncate_from(offset)
+        return len(dropped)
+
+    def _abandoned(self, origin: Tracked) -> None:
+        """A stage gave up on a record of a partition no longer assigned here (main or
+        inference thread)."""
+        key = origin.record.partition_key
+        self.observer.record_discarded(key, self._gone.get(key, DiscardReason.REVOKED))
+
+    def _batch_closed(self, batch: Batch) -> None:
+        age = time.monotonic() - batch.opened_at
+        self.observer.batch_closed(len(batch), batch.tokens, str(batch.reason), age)
+
+    def _all_delivered(self) -> bool:
+        return self.handoff.in_flight == 0 and self.producer.outstanding() == 0
+
+    def _drain(self, deadline: float, finished: Callable[[], bool], *, serve_group: bool) -> bool:
+        """Serve delivery callbacks and retries (and, with ``serve_group``, the group
+        protocol) until ``finished()`` or the deadline."""
+        while not finished():
+            self.observer.loop_iteration()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.producer.fatal is not None:
+                return False
+            self.producer.serve(min(DRAIN_POLL_S, remaining))
+            if serve_group:
+                self._serve_group(0)
+        return True
+
+    def _serve_group(self, timeout_s: float) -> None:
+        """Poll the consumer for its callbacks while stopping; records are not kept."""
+        try:
+            self.consumer.discard(timeout_s)
+        except KafkaFatalError as exc:
+            log.warning("consumer failed while stopping", error=str(exc))
+
+    def _on_commit_result(self, error: KafkaError | None, results: CommitOutcome) -> None:
+        failed = [(key, offset) for key, offset, part_error in results if part_error is not None]
+        if error is not None or failed:
+            name = error.name() if error is not None else "partition error"
+            # Expected while a rebalance is under way; anything else deserves attention.
+            during_rebalance = error is not None and error.code() in REBALANCE_COMMIT_ERRORS
+            report = log.info if during_rebalance else log.warning
+            report("commit failed, retried at the next interval", error=name)
+            self.observer.commit_failed(name)
+            for key, _ in failed or [(key, offset) for key, offset, _ in results]:
+                state = self.tracker.get(key)
+                if state is not None:
+                    state.committed = None
+            return
+        if results:
+            self.observer.commit_done(len(results))
+
+
+def _describe_positions(positions: dict[PartitionKey, int]) -> dict[str, int]:
+    return {f"{topic}[{partition}]": offset for (topic, partition), offset in positions.items()}
