@@ -1,36 +1,17 @@
-"""A thin, typed layer over confluent-kafka: records, client configuration, error classes.
+"""What a Kafka error means for the worker: retry it, give up on the record, or stop.
 
-Everything else in the worker talks to Kafka through the types here, so the rules that
-decide the delivery guarantee (no auto-commit, no auto offset store, idempotent
-producer with ``acks=all``) live in one place and cannot be overridden by extra settings.
+The classification sets live here, in one place: produce errors (:func:`classify`),
+client errors (:func:`is_fatal`) and the commit errors a rebalance causes.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Final
 
-import structlog
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError
 
-from worker.config.settings import KafkaSettings
-
-log = structlog.get_logger(__name__)
-
-# One topic-partition, the key of every per-partition structure in the worker.
-PartitionKey = tuple[str, int]
-Headers = tuple[tuple[str, bytes | None], ...]
-# Headers of a record to produce, in the form confluent-kafka accepts.
-OutHeaders = list[tuple[str, str | bytes | None]]
-
-# A few milliseconds of lingering turns a scored micro-batch into a handful of produce
-# requests instead of one request per event, at no visible latency cost.
-PRODUCER_LINGER_MS: Final = 5
-# The solo producer re-sends a record that the broker refused as too large, alone, to tell
-# "this record is too large" apart from "its batch was too large".
-SOLO_BATCH_MESSAGES: Final = 1
+from worker.errors import KafkaErrorInfo, KafkaFatalError, RecordRef
 
 
 class ErrorKind(enum.Enum):
@@ -39,10 +20,6 @@ class ErrorKind(enum.Enum):
     RETRIABLE = "retriable"  # back off and try again; never dead-letter
     TOO_LARGE = "too_large"  # the record can never be written to this topic
     FATAL = "fatal"  # stop the worker, committing only what is done
-
-
-class KafkaFatalError(RuntimeError):
-    """An error that stops the worker (authorization, fatal producer error, ...)."""
 
 
 _FATAL_CODES: Final = frozenset(
@@ -110,140 +87,6 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() in _FATAL_CODES
 
 
-class InputRecord(NamedTuple):
-    """One consumed record, detached from the librdkafka message.
-
-    A named tuple rather than a frozen dataclass: one is built per consumed record, and a
-    tuple is built several times faster while being just as immutable.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp_ms: int | None
-
-    @property
-    def partition_key(self) -> PartitionKey:
-        return (self.topic, self.partition)
-
-    @classmethod
-    def from_message(cls, message: Message) -> InputRecord:
-        """Copy out of a consumed (error-free) message."""
-        timestamp_type, timestamp = message.timestamp()
-        partition, offset = message.partition(), message.offset()
-        if partition is None or offset is None:
-            raise ValueError("a consumed message without partition or offset")
-        raw_headers = message.headers()
-        return cls(
-            message.topic() or "",
-            partition,
-            offset,
-            message.key(),
-            message.value(),
-            _headers(raw_headers) if raw_headers else (),
-            None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
-        )
-
-
-def _as_bytes(value: str | bytes | None) -> bytes | None:
-    return value.encode("utf-8") if isinstance(value, str) else value
-
-
-def _headers(raw: Any) -> Headers:
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    return tuple((name, _as_bytes(value)) for name, value in pairs)
-
-
-def security_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """The librdkafka security settings shared by the consumer and the producer."""
-    config: dict[str, Any] = {"security.protocol": kafka.security_protocol}
-    optional = {
-        "sasl.mechanism": kafka.sasl_mechanism,
-        "sasl.username": kafka.sasl_username,
-        "ssl.ca.location": kafka.ssl_ca_location,
-        "ssl.certificate.location": kafka.ssl_certificate_location,
-        "ssl.key.location": kafka.ssl_key_location,
-    }
-    config.update({key: value for key, value in optional.items() if value is not None})
-    if kafka.sasl_password is not None:
-        config["sasl.password"] = kafka.sasl_password.get_secret_value()
-    if kafka.ssl_key_password is not None:
-        config["ssl.key.password"] = kafka.ssl_key_password.get_secret_value()
-    return config
-
-
-def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
-    """Consumer settings: manual commits of explicitly computed offsets only."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "group.id": kafka.group_id,
-        "client.id": kafka.client_id,
-        "auto.offset.reset": kafka.auto_offset_reset,
-        "group.protocol": kafka.group_protocol,
-        **security_config(kafka),
-    }
-    if kafka.group_protocol == "classic":
-        # The KIP-848 protocol picks assignors on the broker and refuses this setting.
-        config["partition.assignment.strategy"] = kafka.assignment_strategy
-    if kafka.group_instance_id is not None:
-        config["group.instance.id"] = kafka.group_instance_id
-    config.update(kafka.consumer_config)
-    config.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
-    return config
-
-
-def producer_config(kafka: KafkaSettings, *, solo: bool = False) -> dict[str, Any]:
-    """Producer settings: idempotent, ``acks=all``; ``solo`` sends one record per request."""
-    config: dict[str, Any] = {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "client.id": f"{kafka.client_id}-solo" if solo else kafka.client_id,
-        "linger.ms": 0 if solo else PRODUCER_LINGER_MS,
-        **security_config(kafka),
-    }
-    config.update(kafka.producer_config)
-    if solo:
-        config["batch.num.messages"] = SOLO_BATCH_MESSAGES
-    config.update({"enable.idempotence": True, "acks": "all"})
-    return config
-
-
-def describe_partitions(keys: Sequence[PartitionKey]) -> list[str]:
-    """``["news[0]", "news[3]"]`` for logs."""
-    return [f"{topic}[{partition}]" for topic, partition in sorted(keys)]
-
-
-def missing_topics(
-    kafka: KafkaSettings,
-    names: Sequence[str],
-    timeout_s: float,
-    client_config: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Which of ``names`` the cluster does not have. An unreachable cluster is not an
-    answer: then nothing is reported missing (the worker starts and retries).
-
-    ``client_config``: extra librdkafka settings such as the structlog log bridge; without
-    it librdkafka writes its connection errors to stderr as raw text.
-    """
-    admin = AdminClient(
-        {
-            **(client_config or {}),
-            "bootstrap.servers": kafka.bootstrap_servers,
-            **security_config(kafka),
-        }
-    )
-    try:
-        metadata = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        log.warning("cannot check the topics at start-up", error=str(exc))
-        return []
-    finally:
-        admin.poll(0)  # hands librdkafka's queued log lines to the log bridge
-    return [name for name in dict.fromkeys(names) if name not in metadata.topics]
-
-
 # Commit errors a rebalance causes: the next commit, in the new generation, succeeds.
 REBALANCE_COMMIT_ERRORS: Final = frozenset(
     {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.UNKNOWN_MEMBER_ID}
@@ -252,3 +95,20 @@ REBALANCE_COMMIT_ERRORS: Final = frozenset(
 NEEDS_GROUP_PROGRESS: Final = frozenset(
     {KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.FENCED_MEMBER_EPOCH}
 )
+
+
+def error_info(error: KafkaError) -> KafkaErrorInfo:
+    """The client's error as plain data, for :class:`KafkaFatalError`."""
+    return KafkaErrorInfo(
+        code=int(error.code()),
+        name=str(error.name()),
+        retriable=bool(error.retriable()),
+        fatal=bool(error.fatal()),
+    )
+
+
+def fatal_error(
+    message: str, error: KafkaError | None = None, record: RecordRef | None = None
+) -> KafkaFatalError:
+    """A :class:`KafkaFatalError` that keeps the client's error and the record's coordinates."""
+    return KafkaFatalError(message, None if error is None else error_info(error), record)
