@@ -7,6 +7,7 @@ client errors (:func:`is_fatal`) and the commit errors a rebalance causes.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Final
 
 from confluent_kafka import KafkaError
@@ -112,3 +113,50 @@ def fatal_error(
 ) -> KafkaFatalError:
     """A :class:`KafkaFatalError` that keeps the client's error and the record's coordinates."""
     return KafkaFatalError(message, None if error is None else error_info(error), record)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientError:
+    """A Kafka error as data: what it is called, what it says, and what it means here.
+
+    ``kind``: for a delivery report, :func:`classify`; for a client or commit error,
+    ``FATAL`` when :func:`is_fatal` says so, else ``RETRIABLE``.
+    """
+
+    code: int
+    name: str
+    message: str
+    kind: ErrorKind
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind is ErrorKind.FATAL
+
+    def as_info(self) -> KafkaErrorInfo:
+        """The plain form a :class:`KafkaFatalError` keeps."""
+        retriable = self.kind is ErrorKind.RETRIABLE
+        return KafkaErrorInfo(self.code, self.name, retriable=retriable, fatal=self.fatal)
+
+    @property
+    def during_rebalance(self) -> bool:
+        """A commit refused because a rebalance is under way (expected, retried)."""
+        return self.code in REBALANCE_COMMIT_ERRORS
+
+    @property
+    def needs_group_progress(self) -> bool:
+        """A commit refusal that clears only once this member joins the rebalance."""
+        return self.code in NEEDS_GROUP_PROGRESS
+
+
+def _described(error: KafkaError, kind: ErrorKind) -> ClientError:
+    return ClientError(int(error.code()), str(error.name()), str(error.str()), kind)
+
+
+def delivery_error(error: KafkaError) -> ClientError:
+    """A failed delivery report or produce call, classified by :func:`classify`."""
+    return _described(error, classify(error))
+
+
+def client_error(error: KafkaError) -> ClientError:
+    """A client-level or commit error: fatal only when :func:`is_fatal` says so."""
+    return _described(error, ErrorKind.FATAL if is_fatal(error) else ErrorKind.RETRIABLE)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
+import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -47,7 +47,7 @@ REQUEST_TIMEOUT_S = 10.0
 SERVE_POLL_INTERVAL_S = 0.5
 JSON_CONTENT_TYPE = "application/json"
 
-_log = logging.getLogger("tagstream.http")
+log = structlog.get_logger("tagstream.http")
 
 
 class Component(enum.StrEnum):
@@ -238,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
                     orjson.dumps({"error": "not found", "paths": _PATHS}),
                 )
         except Exception:
-            _log.exception("observability endpoint failed", extra={"path": path})
+            log.exception("observability endpoint failed", path=path)
             status, content_type, body = (
                 HTTPStatus.INTERNAL_SERVER_ERROR,
                 JSON_CONTENT_TYPE,
@@ -258,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Probes and scrapes arrive every few seconds: debug, never info.
-        _log.debug("http " + format, *args)
+        log.debug("http request", detail=format % args)
 
 
 _PATHS = ["/metrics", "/healthz", "/readyz"]

@@ -372,8 +372,3 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
         extra={"thread_name": args.thread.name if args.thread is not None else None},
     )
-
-
-def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
-    """A structlog logger (named after the calling module when ``name`` is None)."""
-    return cast(structlog.stdlib.BoundLogger, structlog.get_logger(name))

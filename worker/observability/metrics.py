@@ -50,7 +50,6 @@ and statistics for partitions librdkafka no longer wants (``desired: false``) ar
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -59,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+import structlog
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -76,7 +76,7 @@ from prometheus_client.registry import Collector
 from worker.contract.scorer import ModelInfo
 
 PREFIX = "tagstream"
-_log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 # librdkafka statistics cadence the worker should configure (``statistics.interval.ms``): one
 # payload per Prometheus scrape interval (15 s default) would leave lag up to 15 s stale;
@@ -304,7 +304,7 @@ class _GpuMemoryCollector(Collector):
         try:
             devices = self._probe()
         except Exception:  # a failing probe must not fail the whole scrape
-            _log.warning("GPU memory probe failed", exc_info=True)
+            log.warning("GPU memory probe failed", exc_info=True)
             devices = []
         yield from self._families(devices)
 
@@ -582,7 +582,7 @@ class WorkerMetrics:
         try:
             lags, unwanted = parse_statistics(stats_json)
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-            _log.warning("unreadable librdkafka statistics ignored", exc_info=True)
+            log.warning("unreadable librdkafka statistics ignored", exc_info=True)
             return
         self._lag.update(lags, unwanted)
 

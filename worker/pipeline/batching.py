@@ -52,6 +52,8 @@ class Batch:
     items: list[PendingEvent] = field(default_factory=list)
     tokens: int = 0
     reason: CloseReason | None = None
+    # Numbered by the main thread on submission; both threads' log lines carry it.
+    batch_id: int = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,13 +127,6 @@ class Batcher:
             self._open = None
         return dropped
 
-    def discard_all(self) -> int:
-        """Forget every batch not yet handed off (shutdown); returns the event count."""
-        count = self.open_size + sum(len(batch) for batch in self.ready)
-        self._open = None
-        self.ready.clear()
-        return count
-
     def _close(self, reason: CloseReason) -> None:
         if self._open is None:
             return
@@ -183,23 +178,6 @@ class Handoff:
         with self._condition:
             self._in_flight -= 1
             self._condition.notify_all()
-
-    def wait_for_room(self, timeout_s: float) -> bool:
-        """Main thread: wait until :meth:`try_submit` would accept a batch; False on
-        timeout (or once closed). Lets the main thread wait for the model without taking
-        more input (which would mean pausing the consumer; see :mod:`worker.pipeline.worker`)."""
-        with self._condition:
-            return (
-                self._condition.wait_for(
-                    lambda: self._in_flight < self.limit or self._closed, timeout=timeout_s
-                )
-                and not self._closed
-            )
-
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no batch is in flight; False on timeout."""
-        with self._condition:
-            return self._condition.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
 
     def close(self, *, discard_queued: bool = False) -> None:
         """No more batches; the inference thread stops after the queued ones (or at once)."""

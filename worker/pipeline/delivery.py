@@ -30,16 +30,16 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from worker.config.settings import KafkaSettings
 from worker.contract.deadletter import Failure, Stage, WorkerIdentity, dead_letter_headers
-from worker.errors import KafkaFatalError
+from worker.errors import KafkaFatalError, RecordRef
 from worker.kafka.config import producer_config
-from worker.kafka.errors import ErrorKind, classify, is_fatal
+from worker.kafka.errors import ClientError, ErrorKind
+from worker.kafka.producer import ClientErrorHook, DeliveryReport, KafkaProducer
 from worker.kafka.records import OutHeaders
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import Tracked
@@ -60,6 +60,34 @@ RecordKind = Literal["output", "dead_letter"]
 # Called (main or inference thread) for a record this worker gives up on because its
 # partition is no longer assigned here; the worker turns it into a discard with a reason.
 AbandonHook = Callable[[Tracked], None]
+
+
+class ProducerClient(Protocol):
+    """What the stage needs of a producer (:class:`~worker.kafka.producer.KafkaProducer`)."""
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: OutHeaders,
+        on_delivery: DeliveryReport,
+    ) -> ClientError | None: ...
+
+    def poll(self, timeout_s: float) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# Builds a producer client from its librdkafka configuration and client-error hook.
+ProducerFactory = Callable[[Mapping[str, Any], ClientErrorHook], ProducerClient]
+
+
+def connect(config: Mapping[str, Any], on_error: ClientErrorHook) -> ProducerClient:
+    """The default :data:`ProducerFactory`: a real librdkafka producer."""
+    return KafkaProducer(config, on_error=on_error)
 
 
 @dataclass(slots=True, eq=False)
@@ -108,17 +136,19 @@ class ProducerStage:
         *,
         client_config: Mapping[str, Any] | None = None,
         on_abandoned: AbandonHook | None = None,
+        producer_factory: ProducerFactory = connect,
     ) -> None:
         self._kafka = kafka
+        self._connect = producer_factory
         self._identity = identity
         self._observer = observer
         self._client_config = dict(client_config or {})
         self._on_abandoned = on_abandoned or abandon_as_revoked(observer)
         self._dead_letter_topic = kafka.dead_letter_topic
-        self._producer = Producer(self._config(producer_config(kafka)))
-        self._solo: Producer | None = None
+        self._producer = self._connect(self._config(producer_config(kafka)), self._on_client_error)
+        self._solo: ProducerClient | None = None
         self._serving_thread = threading.get_ident()
-        self._failed_sends: deque[tuple[Outbound, KafkaError]] = deque()
+        self._failed_sends: deque[tuple[Outbound, ClientError]] = deque()
         self._retries: list[tuple[float, int, Outbound]] = []
         self._sequence = itertools.count()
         self.fatal: KafkaFatalError | None = None
@@ -131,19 +161,19 @@ class ProducerStage:
         record.attempts += 1
         while True:
             try:
-                producer.produce(
+                error = producer.produce(
                     record.topic,
-                    value=record.value,
-                    key=record.key,
-                    headers=record.headers,
-                    on_delivery=lambda error, message: self._on_delivery(record, error, message),
+                    record.key,
+                    record.value,
+                    record.headers,
+                    lambda error: self._on_delivery(record, error),
                 )
-                return
             except BufferError:
                 self._wait_for_queue_room(producer)
-            except KafkaException as exc:
-                self._failed_sends.append((record, exc.args[0]))
-                return
+                continue
+            if error is not None:
+                self._failed_sends.append((record, error))
+            return
 
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
         """Send the input, unchanged, to the dead-letter topic."""
@@ -201,26 +231,27 @@ class ProducerStage:
     # -- internals ----------------------------------------------------------------------
 
     def _config(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {**self._client_config, **config, "error_cb": self._on_client_error}
+        return {**self._client_config, **config}
 
-    def _solo_producer(self) -> Producer:
+    def _solo_producer(self) -> ProducerClient:
         if self._solo is None:
-            self._solo = Producer(self._config(producer_config(self._kafka, solo=True)))
+            config = self._config(producer_config(self._kafka, solo=True))
+            self._solo = self._connect(config, self._on_client_error)
         return self._solo
 
-    def _wait_for_queue_room(self, producer: Producer) -> None:
+    def _wait_for_queue_room(self, producer: ProducerClient) -> None:
         if threading.get_ident() == self._serving_thread:
             producer.poll(QUEUE_FULL_WAIT_S)
         else:
             time.sleep(QUEUE_FULL_WAIT_S)
 
-    def _on_client_error(self, error: KafkaError) -> None:
-        if is_fatal(error):
-            self._fail(f"producer error: {error.str()}")
+    def _on_client_error(self, error: ClientError) -> None:
+        if error.fatal:
+            self._fail(f"producer error: {error.message}", error)
         else:
-            log.warning("producer client error (retried by librdkafka)", error=error.str())
+            log.warning("producer client error (retried by librdkafka)", error=error.message)
 
-    def _on_delivery(self, record: Outbound, error: KafkaError | None, _message: Message) -> None:
+    def _on_delivery(self, record: Outbound, error: ClientError | None) -> None:
         if error is not None:
             self._handle_failure(record, error)
             return
@@ -235,10 +266,10 @@ class ProducerStage:
                 record.failure.stage.value, record.failure.error_class
             )
 
-    def _handle_failure(self, record: Outbound, error: KafkaError) -> None:
-        kind = classify(error)
+    def _handle_failure(self, record: Outbound, error: ClientError) -> None:
+        kind = error.kind
         if kind is ErrorKind.FATAL:
-            self._fail(f"cannot write to {record.topic}: {error.str()}")
+            self._fail(f"cannot write to {record.topic}: {error.message}", error, record)
         elif not record.origin.active:
             self._on_abandoned(record.origin)  # the next owner of the partition redoes it
         elif kind is ErrorKind.RETRIABLE:
@@ -247,16 +278,19 @@ class ProducerStage:
             record.solo = True
             self.send(record)
         elif record.kind == "output":
-            failure = Failure(Stage.PRODUCE, error.name(), error.str(), record.attempts)
+            failure = Failure(Stage.PRODUCE, error.name, error.message, record.attempts)
             self.dead_letter(record.origin, failure)
         else:
             self._fail(
                 f"dead-letter record for {record.origin.record.topic}"
                 f"[{record.origin.record.partition}]@{record.origin.record.offset} "
-                f"cannot be written to {record.topic}: {error.str()}; its offset stays uncommitted"
+                f"cannot be written to {record.topic}: {error.message}; "
+                "its offset stays uncommitted",
+                error,
+                record,
             )
 
-    def _schedule_retry(self, record: Outbound, error: KafkaError) -> None:
+    def _schedule_retry(self, record: Outbound, error: ClientError) -> None:
         delay = backoff_delay(record.attempts)
         source = record.origin.record
         log.warning(
@@ -265,11 +299,11 @@ class ProducerStage:
             topic=source.topic,
             partition=source.partition,
             offset=source.offset,
-            error=error.str(),
+            error=error.message,
             attempt=record.attempts,
             delay_s=round(delay, 3),
         )
-        self._observer.produce_retried(error.name(), record.attempts, delay)
+        self._observer.produce_retried(error.name, record.attempts, delay)
         heapq.heappush(self._retries, (time.monotonic() + delay, next(self._sequence), record))
 
     def _resend_due(self) -> None:
@@ -281,7 +315,16 @@ class ProducerStage:
             else:
                 self._on_abandoned(record.origin)
 
-    def _fail(self, message: str) -> None:
+    def _fail(
+        self, message: str, error: ClientError | None = None, record: Outbound | None = None
+    ) -> None:
         if self.fatal is None:
             log.error("fatal Kafka error", error=message)
-            self.fatal = KafkaFatalError(message)
+            source = None if record is None else record.origin.record
+            self.fatal = KafkaFatalError(
+                message,
+                None if error is None else error.as_info(),
+                None
+                if source is None
+                else RecordRef(source.topic, source.partition, source.offset),
+            )

@@ -9,7 +9,7 @@ Events of a partition revoked while their batch waited are skipped (and reported
 ``on_abandoned``): the partition's new owner scores them.
 
 Every batch carries the number the main thread gave it on submission
-(:class:`SubmittedBatch`); the inference thread binds it as ``batch_id`` to every log line
+(``Batch.batch_id``); the inference thread binds it as ``batch_id`` to every log line
 it writes while processing that batch.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
@@ -27,7 +26,6 @@ import structlog
 from worker.config.settings import TaggingSettings
 from worker.contract.codec import encode_output
 from worker.contract.deadletter import Failure, Stage, source_headers
-from worker.contract.events import Source
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
 from worker.errors import WarmUpError
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
@@ -63,33 +61,6 @@ def warm_up(scorer: Scorer, tagging: TaggingSettings) -> None:
     outcome = outcomes[0]
     if isinstance(outcome, ScoreError):
         raise WarmUpError(f"the warm-up request failed: {outcome.error_class}: {outcome.message}")
-
-
-@dataclass(slots=True)
-class SubmittedBatch(Batch):
-    """A batch as handed to the inference thread: numbered for the logs of both threads."""
-
-    batch_id: int = 0
-
-    @classmethod
-    def of(cls, batch: Batch, batch_id: int) -> SubmittedBatch:
-        return cls(
-            opened_at=batch.opened_at,
-            items=batch.items,
-            tokens=batch.tokens,
-            reason=batch.reason,
-            batch_id=batch_id,
-        )
-
-
-def source_of(item: PendingEvent) -> Source:
-    record = item.origin.record
-    return Source(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp=record.timestamp_ms,
-    )
 
 
 class InferenceStage:
@@ -128,9 +99,8 @@ class InferenceStage:
     def _run(self) -> None:
         try:
             while (batch := self._next_batch()) is not None:
-                batch_id = batch.batch_id if isinstance(batch, SubmittedBatch) else None
                 try:
-                    with structlog.contextvars.bound_contextvars(batch_id=batch_id):
+                    with structlog.contextvars.bound_contextvars(batch_id=batch.batch_id):
                         self.process(batch)
                 finally:
                     self._handoff.finished()

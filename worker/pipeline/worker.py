@@ -1,26 +1,18 @@
 """The streaming worker: consume, micro-batch, score, produce, commit — at least once.
 
-Threads: the *main* thread polls the consumer, decodes records, dead-letters invalid ones,
-fills micro-batches, runs delivery callbacks and commits; the *inference* thread scores
-the batches and produces their records (:mod:`worker.pipeline.inference`). All offset state is
-touched by the main thread only.
+Threads: the *main* thread polls the input (:mod:`worker.pipeline.intake`), decodes
+records, dead-letters invalid ones, fills micro-batches (:mod:`worker.pipeline.batching`),
+runs delivery callbacks (:mod:`worker.pipeline.delivery`) and commits
+(:mod:`worker.pipeline.commit`); the *inference* thread scores the batches and hands their
+records to the producer (:mod:`worker.pipeline.inference`). All offset state
+(:mod:`worker.pipeline.offsets`) is touched by the main thread only.
 
-The commit, wherever it happens (every ``commit_interval_ms``, on revoke, on shutdown),
-is the same sequence:
+The commit, wherever it happens (every ``commit_interval_ms``, on revoke, on shutdown, on a
+fatal stop), is the same numbered sequence of :mod:`worker.pipeline.commit`: flush outputs,
+confirm delivery, commit offsets. Nothing is committed that is not acknowledged.
 
-1. **flush outputs** — records handed to the producer are sent to the broker;
-2. **confirm delivery** — the broker's acknowledgements (delivery callbacks) mark their
-   input offsets done (:mod:`worker.pipeline.offsets`);
-3. **commit offsets** — per partition, the first offset not done (else the last received
-   + 1) is committed.
-
-Periodic commits take steps 1 and 2 as they come (the producer sends continuously and
-callbacks run on every loop); a revoke or a shutdown waits for them, bounded in time.
-Nothing is committed that is not acknowledged, so a crash at any point replays at most
-the uncommitted tail: duplicates, never loss.
-
-Every consumed record is reported to the :class:`~worker.pipeline.observer.Observer` once, and its
-fate once: scored, dead-lettered, or discarded with a
+Every consumed record is reported to the :class:`~worker.pipeline.observer.Observer` once,
+and its fate once: scored, dead-lettered, or discarded with a
 :class:`~worker.pipeline.observer.DiscardReason` (see :mod:`worker.observability.metrics`
 for the identity).
 """
@@ -32,7 +24,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import structlog
-from confluent_kafka import KafkaError
 
 from worker.config.loading import RunSettings
 from worker.contract.codec import decode_input, to_request
@@ -40,17 +31,19 @@ from worker.contract.deadletter import Failure, Stage, WorkerIdentity
 from worker.contract.scorer import Scorer
 from worker.errors import EventError, KafkaFatalError
 from worker.exit_codes import EXIT_FATAL, EXIT_OK
-from worker.kafka.consumer import CommitOutcome, InputConsumer
-from worker.kafka.errors import NEEDS_GROUP_PROGRESS, REBALANCE_COMMIT_ERRORS, is_fatal
+from worker.kafka.config import consumer_config as _consumer_config
+from worker.kafka.consumer import CommitOutcome, CommitResult, KafkaConsumer
+from worker.kafka.errors import ClientError
 from worker.kafka.records import InputRecord, PartitionKey, describe_partitions
 from worker.pipeline.batching import Batch, Batcher, Handoff, PendingEvent
-from worker.pipeline.delivery import ProducerStage
-from worker.pipeline.inference import InferenceStage, SubmittedBatch
+from worker.pipeline.commit import Committer
+from worker.pipeline.delivery import ProducerFactory, ProducerStage, connect
+from worker.pipeline.inference import InferenceStage
+from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
 
 log = structlog.get_logger(__name__)
-
 
 # Records per poll: enough to fill several batches per loop, few enough that decoding them
 # never delays the loop (and its delivery callbacks and commits) noticeably.
@@ -66,13 +59,19 @@ POLL_WAITING_TIMEOUT_S: Final = 0.005
 BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
 # Bound on records held in closed batches while the model is busy (x max_batch_size events).
 MAX_WAITING_BATCHES: Final = 16
-# How often a revoke or a shutdown checks whether in-flight work is acknowledged.
-DRAIN_POLL_S: Final = 0.05
 # A fatal stop still waits this long for acknowledgements that are already on their way.
 FATAL_DRAIN_S: Final = 1.0
-# Pause between tries of a refused synchronous commit: a rebalance step or a coordinator
-# lookup takes about this long.
-COMMIT_RETRY_S: Final = 0.1
+
+# Builds the input consumer from its librdkafka configuration, whether its group protocol
+# assigns incrementally, and where asynchronous commit results go.
+ConsumerFactory = Callable[[Mapping[str, Any], bool, CommitResult], ConsumerClient]
+
+
+def connect_consumer(
+    config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
+) -> ConsumerClient:
+    """The default :data:`ConsumerFactory`: a real librdkafka consumer."""
+    return KafkaConsumer(config, incremental=incremental, on_commit=on_commit)
 
 
 class Worker:
@@ -80,6 +79,8 @@ class Worker:
 
     ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
     and for the input consumer (observability: the log bridge, the statistics for the lag).
+    ``consumer_factory`` and ``producer_factory`` build the Kafka clients (real ones unless
+    a test passes fakes).
     """
 
     def __init__(
@@ -91,6 +92,8 @@ class Worker:
         *,
         client_config: Mapping[str, Any] | None = None,
         consumer_config: Mapping[str, Any] | None = None,
+        consumer_factory: ConsumerFactory = connect_consumer,
+        producer_factory: ProducerFactory = connect,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -105,6 +108,7 @@ class Worker:
             self.observer,
             client_config=client_config,
             on_abandoned=self._abandoned,
+            producer_factory=producer_factory,
         )
         batch = settings.batch
         self.batcher = Batcher(
@@ -123,14 +127,23 @@ class Worker:
             observer=self.observer,
             on_abandoned=self._abandoned,
         )
-        self.consumer = InputConsumer(
-            settings.kafka,
-            self.observer,
-            self._on_commit_result,
-            client_config=consumer_config,
+        kafka = settings.kafka
+        incremental = (
+            kafka.group_protocol == "consumer" or kafka.assignment_strategy == "cooperative-sticky"
         )
-        self._commit_interval_s = settings.delivery.commit_interval_ms / 1000
-        self._next_commit = time.monotonic() + self._commit_interval_s
+        consumer = consumer_factory(
+            {**(consumer_config or {}), **_consumer_config(kafka)},
+            incremental,
+            self._on_commit_result,
+        )
+        self.intake = Intake(consumer, self.observer)
+        self.committer = Committer(
+            self.tracker,
+            self.intake,
+            self.producer,
+            self.observer,
+            interval_s=settings.delivery.commit_interval_ms / 1000,
+        )
         self._stop_requested = False
         self._blocked_since: float | None = None
 
@@ -143,7 +156,7 @@ class Worker:
     def run(self) -> int:
         """Run until :meth:`request_stop` or a fatal error; returns the exit code."""
         self.inference.start()
-        self.consumer.subscribe(self)
+        self.intake.subscribe(self.settings.kafka.subscription, self)
         log.info("worker started", subscription=self.settings.kafka.subscription)
         try:
             while not self._stop_requested:
@@ -158,12 +171,12 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
-        records = self.consumer.poll(POLL_MAX_RECORDS, self._poll_timeout())
+        records = self.intake.poll(POLL_MAX_RECORDS, self._poll_timeout())
         self.accept(records)
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
-        self.commit_if_due()
+        self.committer.commit_if_due()
         self.check_health()
 
     def shutdown(self) -> int:
@@ -177,14 +190,13 @@ class Worker:
         """
         deadline = time.monotonic() + self.settings.shutdown.shutdown_timeout_s
         self.observer.stopping()
-        self.consumer.pause("stopping")
+        self.intake.pause("stopping")
         dropped = self._abandon_unstarted(self.tracker.keys, DiscardReason.SHUTDOWN)
         log.info("stopping", in_flight_batches=self.handoff.in_flight, not_started=dropped)
         self.handoff.close()
-        # 1. flush outputs + 2. confirm delivery
-        finished = self._drain(deadline, self._all_delivered, serve_group=True)
-        # 3. commit offsets
-        committed = self._commit(self.tracker.keys, deadline, serve_group=True)
+        finished, committed = self.committer.settle(
+            self.tracker.keys, deadline, self._all_delivered, serve_group=True
+        )
         if not (finished and committed):
             log.warning(
                 "shutdown timeout: unfinished work left uncommitted",
@@ -192,7 +204,7 @@ class Worker:
                 unacknowledged=self.producer.outstanding(),
                 committed=committed,
             )
-        self.consumer.close()
+        self.intake.close()
         self.producer.close()
         log.info("worker stopped")
         return EXIT_OK
@@ -203,9 +215,8 @@ class Worker:
         self.observer.stopping()
         self.handoff.close(discard_queued=True)
         deadline = time.monotonic() + FATAL_DRAIN_S
-        self._drain(deadline, self._all_delivered, serve_group=False)
-        self._commit(self.tracker.keys, deadline, serve_group=False)
-        self.consumer.close()
+        self.committer.settle(self.tracker.keys, deadline, self._all_delivered, serve_group=False)
+        self.intake.close()
         return EXIT_FATAL
 
     # -- the loop's steps ---------------------------------------------------------------
@@ -224,7 +235,8 @@ class Worker:
         """Hand closed batches to the inference thread; pause input while it is full."""
         ready = self.batcher.ready
         while ready:
-            batch = SubmittedBatch.of(ready[0], self._next_batch_id)
+            batch = ready[0]
+            batch.batch_id = self._next_batch_id
             if not self.handoff.try_submit(batch):
                 break
             ready.popleft()
@@ -252,61 +264,23 @@ class Worker:
         """
         if waiting_batches == 0:
             self._blocked_since = None
-            self.consumer.resume()
+            self.intake.resume()
             return
         now = time.monotonic()
         if self._blocked_since is None:
             self._blocked_since = now
         waited = now - self._blocked_since
         if waited >= BACKPRESSURE_PAUSE_AFTER_S or waiting_batches >= MAX_WAITING_BATCHES:
-            self.consumer.pause("inference queue full")
-
-    def commit_if_due(self) -> None:
-        """Every ``commit_interval_ms``: commit the partitions whose position moved."""
-        if time.monotonic() < self._next_commit:
-            return
-        self._next_commit = time.monotonic() + self._commit_interval_s
-        positions = self.tracker.commits_due()
-        if positions:
-            self.consumer.commit_async(positions)
-            self.tracker.mark_committed(positions)
-
-    def _commit(self, keys: list[PartitionKey], deadline: float, *, serve_group: bool) -> bool:
-        """Synchronous commit of the done offsets of ``keys``, retried until ``deadline``
-        (a rebalance or a coordinator move makes the broker refuse it for a while).
-
-        ``serve_group``: poll the consumer between tries so a rebalance can complete;
-        impossible inside a rebalance callback, where only time can help.
-        """
-        while True:
-            positions = self.tracker.commits_due(keys)
-            if not positions:
-                return True
-            error = self.consumer.commit_sync(positions)
-            if error is None:
-                self.tracker.mark_committed(positions)
-                log.info("offsets committed", offsets=_describe_positions(positions))
-                return True
-            hopeless = not serve_group and error.code() in NEEDS_GROUP_PROGRESS
-            if hopeless or is_fatal(error) or time.monotonic() >= deadline:
-                log.warning("commit failed", error=error.name(), offsets=len(positions))
-                return False
-            log.info("commit refused, retrying", error=error.name())
-            if serve_group:
-                self._serve_group(COMMIT_RETRY_S)
-            else:
-                time.sleep(COMMIT_RETRY_S)
+            self.intake.pause("inference queue full")
 
     def check_health(self) -> None:
         """Raise :class:`KafkaFatalError` if any stage hit a fatal error."""
         if self.producer.fatal is not None:
             raise self.producer.fatal
-        if self.consumer.fatal is not None:
-            raise self.consumer.fatal
         if self.inference.crashed is not None:
             raise KafkaFatalError(f"inference thread crashed: {self.inference.crashed!r}")
 
-    # -- rebalance callbacks (RebalanceListener) ----------------------------------------
+    # -- rebalance callbacks (RebalanceListener, main thread inside poll) ---------------
 
     def on_assigned(self, keys: list[PartitionKey]) -> None:
         self.tracker.assign(keys)
@@ -317,14 +291,15 @@ class Worker:
         self._gone.update(dict.fromkeys(keys, DiscardReason.REVOKED))
         self._abandon_unstarted(keys, DiscardReason.REVOKED)
         deadline = time.monotonic() + self.settings.shutdown.revoke_timeout_ms / 1000
-        drained = self._drain(deadline, lambda: self.tracker.pending(keys) == 0, serve_group=False)
+        drained, _ = self.committer.settle(
+            keys, deadline, lambda: self.tracker.pending(keys) == 0, serve_group=False
+        )
         if not drained:
             log.warning(
                 "revoke timeout: unfinished work dropped",
                 pending=self.tracker.pending(keys),
                 partitions=describe_partitions(keys),
             )
-        self._commit(keys, deadline, serve_group=False)
         self.tracker.remove(keys)
 
     def on_lost(self, keys: list[PartitionKey]) -> None:
@@ -341,7 +316,7 @@ class Worker:
             return POLL_WAITING_TIMEOUT_S
         candidates = [
             POLL_IDLE_TIMEOUT_S,
-            max(0.0, self._next_commit - time.monotonic()),
+            self.committer.time_left(),
             self.batcher.time_left(),
             self.producer.next_retry_in(),
         ]
@@ -402,46 +377,9 @@ class Worker:
         age = time.monotonic() - batch.opened_at
         self.observer.batch_closed(len(batch), batch.tokens, str(batch.reason), age)
 
+    def _on_commit_result(self, error: ClientError | None, results: CommitOutcome) -> None:
+        # The consumer exists before the committer that reads its results.
+        self.committer.on_commit_result(error, results)
+
     def _all_delivered(self) -> bool:
         return self.handoff.in_flight == 0 and self.producer.outstanding() == 0
-
-    def _drain(self, deadline: float, finished: Callable[[], bool], *, serve_group: bool) -> bool:
-        """Serve delivery callbacks and retries (and, with ``serve_group``, the group
-        protocol) until ``finished()`` or the deadline."""
-        while not finished():
-            self.observer.loop_iteration()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.producer.fatal is not None:
-                return False
-            self.producer.serve(min(DRAIN_POLL_S, remaining))
-            if serve_group:
-                self._serve_group(0)
-        return True
-
-    def _serve_group(self, timeout_s: float) -> None:
-        """Poll the consumer for its callbacks while stopping; records are not kept."""
-        try:
-            self.consumer.discard(timeout_s)
-        except KafkaFatalError as exc:
-            log.warning("consumer failed while stopping", error=str(exc))
-
-    def _on_commit_result(self, error: KafkaError | None, results: CommitOutcome) -> None:
-        failed = [(key, offset) for key, offset, part_error in results if part_error is not None]
-        if error is not None or failed:
-            name = error.name() if error is not None else "partition error"
-            # Expected while a rebalance is under way; anything else deserves attention.
-            during_rebalance = error is not None and error.code() in REBALANCE_COMMIT_ERRORS
-            report = log.info if during_rebalance else log.warning
-            report("commit failed, retried at the next interval", error=name)
-            self.observer.commit_failed(name)
-            for key, _ in failed or [(key, offset) for key, offset, _ in results]:
-                state = self.tracker.get(key)
-                if state is not None:
-                    state.committed = None
-            return
-        if results:
-            self.observer.commit_done(len(results))
-
-
-def _describe_positions(positions: dict[PartitionKey, int]) -> dict[str, int]:
-    return {f"{topic}[{partition}]": offset for (topic, partition), offset in positions.items()}

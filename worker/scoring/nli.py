@@ -164,7 +164,9 @@ def _model_max_length(tokenizer: PreTrainedTokenizerBase, config: Any, name: str
         return declared
     positions = int(getattr(config, "max_position_embeddings", 0) or 0)
     fallback = min(positions, FALLBACK_MAX_LENGTH) if positions > 0 else FALLBACK_MAX_LENGTH
-    log.warning("model_max_length_unset", model=name, using=fallback)
+    log.warning(
+        "tokenizer declares no maximum length, using a fallback", model=name, using=fallback
+    )
     return fallback
 
 
@@ -262,7 +264,10 @@ class NliScorer:
         self._pad_type_id = int(getattr(tokenizer, "pad_token_type_id", 0))
         self._template = derive_pair_template(tokenizer, self._max_length, self._with_types)
         if self._template is None:
-            log.warning("pair_template_fallback", model=self._name)
+            log.warning(
+                "pair layout not derived from the tokenizer, encoding pairs with it",
+                model=self._name,
+            )
         self._num_special = tokenizer.num_special_tokens_to_add(pair=True)
         self._hypotheses = LruCache(hypothesis_cache_size)
         forward: Callable[..., Any] = getattr(model, "forward", model)

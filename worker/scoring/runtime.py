@@ -140,7 +140,11 @@ def _load_model(
     except ValueError as exc:
         if not _SDPA_REFUSAL.search(str(exc)):
             raise
-        log.info("sdpa_unsupported", model=settings.model, detail=str(exc).splitlines()[0])
+        log.info(
+            "model class cannot use SDPA attention, using its default",
+            model=settings.model,
+            detail=str(exc).splitlines()[0],
+        )
         model = AutoModelForSequenceClassification.from_pretrained(settings.model, **kwargs)
     return model
 
@@ -174,7 +178,7 @@ def load_sequence_classifier(
     torch.nn.Module.to(model, device)
     model.train(False)
     log.info(
-        "model_loaded",
+        "model loaded",
         model=settings.model,
         revision=resolved,
         device=str(device),

@@ -27,7 +27,6 @@ from worker.observability.logs import (
     clear_process_context,
     clear_secrets,
     configure_logging,
-    get_logger,
     librdkafka_logger,
     redact,
     redacted_settings,
@@ -107,12 +106,12 @@ def test_every_line_is_json_with_the_context_fields() -> None:
     stream = _configure()
     bind_process_context(**PROCESS)
     structlog.contextvars.bind_contextvars(**CONTEXT)
-    get_logger("tagstream.test").info("batch scored", size=8)
+    structlog.get_logger("tagstream.test").info("batch scored", size=8)
     logging.getLogger("some.library").warning("stdlib %s", "record", extra={"attempt": 2})
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        get_logger("tagstream.test").exception("scorer failed")
+        structlog.get_logger("tagstream.test").exception("scorer failed")
     lines = _lines(stream)
     assert [line["event"] for line in lines] == ["batch scored", "stdlib record", "scorer failed"]
     for line in lines:
@@ -134,7 +133,7 @@ def test_other_threads_get_the_process_context_but_not_this_threads_context() ->
 
     def inference() -> None:
         with structlog.contextvars.bound_contextvars(batch_id="b-9"):
-            get_logger("tagstream.inference").debug("batch scored")
+            structlog.get_logger("tagstream.inference").debug("batch scored")
 
     thread = threading.Thread(target=inference)
     thread.start()
@@ -191,21 +190,21 @@ def test_uncaught_exceptions_in_the_main_thread_become_json_lines() -> None:
 
 def test_level_filters_structlog_and_stdlib_alike() -> None:
     stream = _configure(level="WARNING")
-    get_logger("tagstream.test").info("hidden")
+    structlog.get_logger("tagstream.test").info("hidden")
     logging.getLogger("lib").info("hidden too")
-    get_logger("tagstream.test").warning("shown")
+    structlog.get_logger("tagstream.test").warning("shown")
     assert [line["event"] for line in _lines(stream)] == ["shown"]
 
 
 def test_auto_format_is_json_when_the_stream_is_not_a_terminal() -> None:
     stream = _configure(fmt="auto")
-    get_logger("t").info("hello")
+    structlog.get_logger("t").info("hello")
     assert _lines(stream)[0]["event"] == "hello"
 
 
 def test_console_format_is_human_readable() -> None:
     stream = _configure(fmt="console")
-    get_logger("t").info("hello", topic="news")
+    structlog.get_logger("t").info("hello", topic="news")
     text = stream.getvalue()
     assert "hello" in text
     assert "topic=news" in text
@@ -220,7 +219,7 @@ def test_a_registered_sasl_password_never_appears_in_any_line() -> None:
     stream = _configure()
     settings = _kafka_settings()
     register_settings_secrets(settings)
-    log = get_logger("tagstream.test")
+    log = structlog.get_logger("tagstream.test")
     log.info(f"connecting with {SASL_PASSWORD}")
     log.debug("config", config={"outer": {"inner": [f"pw={SASL_PASSWORD}"]}})
     log.info("as a plain field", value=SASL_PASSWORD)
@@ -246,7 +245,7 @@ def test_a_registered_sasl_password_never_appears_in_any_line() -> None:
 
 def test_secret_named_keys_are_masked_at_every_level_even_unregistered() -> None:
     stream = _configure()
-    get_logger("t").info(
+    structlog.get_logger("t").info(
         "settings",
         password="p1",
         nested={"sasl.password": "p2", "deeper": {"ssl.key.password": "p3", "ok": "visible"}},
@@ -267,8 +266,8 @@ def test_secret_named_keys_are_masked_at_every_level_even_unregistered() -> None
 def test_secrets_are_masked_in_console_output_too() -> None:
     stream = _configure(fmt="console")
     register_secret(SecretStr(SASL_PASSWORD))
-    get_logger("t").info("connecting", detail=("tuple", SASL_PASSWORD), obj=object())
-    get_logger("t").info(f"raw {SASL_PASSWORD}")
+    structlog.get_logger("t").info("connecting", detail=("tuple", SASL_PASSWORD), obj=object())
+    structlog.get_logger("t").info(f"raw {SASL_PASSWORD}")
     text = stream.getvalue()
     assert SASL_PASSWORD not in text
     assert repr(SASL_PASSWORD)[1:-1] not in text
@@ -289,7 +288,7 @@ def test_secrets_inside_rendered_objects_and_tracebacks_are_masked() -> None:
     for fmt in ("json", "console"):
         stream = _configure(fmt=fmt)
         register_secret(SASL_PASSWORD)
-        log = get_logger("t")
+        log = structlog.get_logger("t")
         log.info("object field", holder=_Holder())
         try:
             raise ConnectionError(f"login failed: {SASL_PASSWORD}")
@@ -353,5 +352,5 @@ def test_empty_secrets_are_ignored() -> None:
     register_secret("")
     register_secret(None)
     stream = _configure()
-    get_logger("t").info("nothing to mask")
+    structlog.get_logger("t").info("nothing to mask")
     assert _lines(stream)[0]["event"] == "nothing to mask"

@@ -21,7 +21,7 @@ from worker.errors import WarmUpError
 from worker.kafka.records import InputRecord, PartitionKey
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.delivery import Outbound, ProducerStage
-from worker.pipeline.inference import WARM_UP_LABEL, InferenceStage, SubmittedBatch, warm_up
+from worker.pipeline.inference import WARM_UP_LABEL, InferenceStage, warm_up
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
 
@@ -167,7 +167,9 @@ def test_the_thread_waits_inside_the_idle_hook_and_logs_each_batch_with_its_id()
     observer = RecordingObserver()
     handoff = Handoff(2)
     stage, producer, _ = _stage(observer=observer, handoff=handoff)
-    assert handoff.try_submit(SubmittedBatch.of(_batch(["sports"], OffsetTracker()), 7))
+    batch = _batch(["sports"], OffsetTracker())
+    batch.batch_id = 7
+    assert handoff.try_submit(batch)
     handoff.close()  # the thread scores the queued batch, then ends
     with structlog.testing.capture_logs(
         processors=[structlog.contextvars.merge_contextvars]

@@ -1,0 +1,203 @@
+"""In-memory stand-ins for the thin Kafka clients, for unit tests of the worker's logic.
+
+They implement the pipeline's ports (:class:`worker.pipeline.intake.ConsumerClient`,
+:class:`worker.pipeline.delivery.ProducerClient`) and nothing more: the integration tests
+against the real broker stay the proof of the delivery guarantee; these make the commit
+sequence and the rebalance callbacks readable and fast to test.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.kafka.consumer import CommitOutcome, CommitResult, RebalanceListener
+from worker.kafka.errors import ClientError, ErrorKind
+from worker.kafka.producer import ClientErrorHook, DeliveryReport
+from worker.kafka.records import InputRecord, OutHeaders, PartitionKey
+
+# KafkaError.REBALANCE_IN_PROGRESS: the broker refuses a commit while the group rebalances.
+REBALANCE_IN_PROGRESS = 27
+
+
+def rebalance_in_progress() -> ClientError:
+    return ClientError(
+        REBALANCE_IN_PROGRESS, "REBALANCE_IN_PROGRESS", "rebalance", ErrorKind.RETRIABLE
+    )
+
+
+def record(topic: str, partition: int, offset: int, value: bytes) -> InputRecord:
+    return InputRecord(topic, partition, offset, None, value, (), 1_700_000_000_000 + offset)
+
+
+@dataclass
+class FakeConsumer:
+    """A consumer whose records, rebalances and commit answers the test scripts."""
+
+    on_commit: CommitResult
+    incremental: bool = True
+    listener: RebalanceListener | None = None
+    assigned: list[PartitionKey] = field(default_factory=list)
+    paused: set[PartitionKey] = field(default_factory=set)
+    # Records waiting to be polled, and rebalance steps run at the start of the next poll.
+    records: deque[InputRecord] = field(default_factory=deque)
+    rebalances: deque[Callable[[], None]] = field(default_factory=deque)
+    # Errors the next synchronous commits return, in order; then they succeed.
+    sync_errors: deque[ClientError] = field(default_factory=deque)
+    commits: list[tuple[str, dict[PartitionKey, int]]] = field(default_factory=list)
+    closed: bool = False
+
+    # -- ConsumerClient ---------------------------------------------------------------------
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        self.listener = listener
+
+    def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        while self.rebalances:
+            self.rebalances.popleft()()
+        out: list[InputRecord] = []
+        while self.records and len(out) < max_records:
+            head = self.records[0]
+            if head.partition_key in self.paused or head.partition_key not in self.assigned:
+                break
+            out.append(self.records.popleft())
+        return out
+
+    def assignment(self) -> list[PartitionKey]:
+        return list(self.assigned)
+
+    def pause(self, keys: Sequence[PartitionKey]) -> None:
+        self.paused.update(keys)
+
+    def resume(self, keys: Sequence[PartitionKey]) -> None:
+        self.paused.difference_update(keys)
+
+    def commit_async(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
+        self.commits.append(("async", dict(positions)))
+        self.on_commit(None, [(key, offset, None) for key, offset in positions.items()])
+        return None
+
+    def commit_sync(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
+        if self.sync_errors:
+            error = self.sync_errors.popleft()
+            self.on_commit(error, [])
+            return error
+        self.commits.append(("sync", dict(positions)))
+        outcome: CommitOutcome = [(key, offset, None) for key, offset in positions.items()]
+        self.on_commit(None, outcome)
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+    # -- what the test does -----------------------------------------------------------------
+
+    def assign(self, keys: list[PartitionKey]) -> None:
+        """Schedule an assignment, delivered inside the next poll as librdkafka does."""
+
+        def step() -> None:
+            self.assigned.extend(keys)
+            assert self.listener is not None
+            self.listener.on_assigned(keys)
+
+        self.rebalances.append(step)
+
+    def revoke(self, keys: list[PartitionKey]) -> None:
+        def step() -> None:
+            assert self.listener is not None
+            self.listener.on_revoked(keys)
+            self.assigned = [key for key in self.assigned if key not in keys]
+
+        self.rebalances.append(step)
+
+    def lose(self, keys: list[PartitionKey]) -> None:
+        def step() -> None:
+            assert self.listener is not None
+            self.listener.on_lost(keys)
+            self.assigned = [key for key in self.assigned if key not in keys]
+
+        self.rebalances.append(step)
+
+    def committed(self, key: PartitionKey) -> int | None:
+        """The last position committed for ``key`` (by either kind of commit)."""
+        positions = [commit[key] for _, commit in self.commits if key in commit]
+        return positions[-1] if positions else None
+
+
+@dataclass
+class Sent:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: OutHeaders
+    report: DeliveryReport
+
+
+@dataclass
+class FakeProducer:
+    """A producer that acknowledges what it was given when the test says so (or at once,
+    on the next poll, with ``auto_ack``)."""
+
+    on_error: ClientErrorHook
+    auto_ack: bool = True
+    in_flight: list[Sent] = field(default_factory=list)
+    written: list[Sent] = field(default_factory=list)
+    closed: bool = False
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: OutHeaders,
+        on_delivery: DeliveryReport,
+    ) -> ClientError | None:
+        self.in_flight.append(Sent(topic, key, value, headers, on_delivery))
+        return None
+
+    def poll(self, timeout_s: float) -> None:
+        if self.auto_ack:
+            self.ack_all()
+
+    def __len__(self) -> int:
+        return len(self.in_flight)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def ack_all(self) -> None:
+        sent, self.in_flight = self.in_flight, []
+        for item in sent:
+            self.written.append(item)
+            item.report(None)
+
+
+@dataclass
+class FakeClients:
+    """Factories for :class:`worker.pipeline.worker.Worker` that keep what they built."""
+
+    auto_ack: bool = True
+    consumer: FakeConsumer | None = None
+    producers: list[FakeProducer] = field(default_factory=list)
+
+    def make_consumer(
+        self, config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
+    ) -> FakeConsumer:
+        self.consumer = FakeConsumer(on_commit, incremental)
+        return self.consumer
+
+    def make_producer(self, config: Mapping[str, Any], on_error: ClientErrorHook) -> FakeProducer:
+        producer = FakeProducer(on_error, auto_ack=self.auto_ack)
+        self.producers.append(producer)
+        return producer
+
+    @property
+    def producer(self) -> FakeProducer:
+        return self.producers[0]
+
+    @property
+    def input(self) -> FakeConsumer:
+        assert self.consumer is not None
+        return self.consumer

@@ -1,0 +1,189 @@
+"""The worker's commit sequence and rebalance callbacks, with in-memory Kafka clients.
+
+The integration tests against the real broker prove the delivery guarantee; these pin the
+logic down where it is cheap to read and to change: nothing is committed before its
+output is acknowledged, a revoke settles its partitions synchronously, a commit refused by
+a rebalance is tried again, and a lost partition commits nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import orjson
+import pytest
+import structlog
+
+from tests.support.fake_kafka import FakeClients, rebalance_in_progress, record
+from tests.support.scorers import FakeScorer
+from worker.config.loading import RunSettings, load_run_settings
+from worker.config.settings import ModelSettings
+from worker.contract.deadletter import HEADER_STAGE, WorkerIdentity
+from worker.exit_codes import EXIT_OK
+from worker.kafka.records import PartitionKey
+from worker.pipeline.worker import Worker
+
+TOPIC: Final = "news"
+P0: Final[PartitionKey] = (TOPIC, 0)
+P1: Final[PartitionKey] = (TOPIC, 1)
+# Bounds a loop that waits for the inference thread; a passing test takes milliseconds.
+WAIT_S: Final = 10.0
+
+
+def _settings(**flags: object) -> RunSettings:
+    given = {
+        "input_topics": TOPIC,
+        "output_topic": "news.tagged",
+        "labels": "sports,finance",
+        "commit_interval_ms": 1,
+        "max_wait_ms": 0,
+        **flags,
+    }
+    return load_run_settings(flags=given)
+
+
+@pytest.fixture
+def clients() -> FakeClients:
+    return FakeClients(auto_ack=False)
+
+
+@pytest.fixture
+def worker(clients: FakeClients) -> Iterator[Worker]:
+    built = _worker(clients, _settings(revoke_timeout_ms=200, shutdown_timeout_s=1.0))
+    yield built
+    built.handoff.close(discard_queued=True)
+    built.inference.join(WAIT_S)
+
+
+def _worker(clients: FakeClients, settings: RunSettings) -> Worker:
+    scorer = FakeScorer(ModelSettings(scorer="tests.support.scorers:fake"))
+    built = Worker(
+        settings,
+        scorer,
+        WorkerIdentity(group="tagstream", worker="test:1", model="fake@v1"),
+        consumer_factory=clients.make_consumer,
+        producer_factory=clients.make_producer,
+    )
+    built.inference.start()
+    built.intake.subscribe(settings.kafka.subscription, built)
+    return built
+
+
+def _events(partition: int, count: int) -> list[bytes]:
+    return [orjson.dumps({"text": f"sports item {partition}-{offset}"}) for offset in range(count)]
+
+
+def _feed(clients: FakeClients, partition: int, values: list[bytes]) -> None:
+    for offset, value in enumerate(values):
+        clients.input.records.append(record(TOPIC, partition, offset, value))
+
+
+def _step_until(worker: Worker, done: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not done():
+        assert time.monotonic() < deadline, "the worker did not get there in time"
+        worker.step()
+        time.sleep(0.002)  # lets the commit interval pass and the inference thread run
+
+
+def test_offsets_are_committed_only_once_their_outputs_are_acknowledged(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 3))
+    _step_until(worker, lambda: len(clients.producer) == 3)
+    for _ in range(20):  # many commit intervals, no acknowledgement
+        worker.step()
+        time.sleep(0.002)
+    assert clients.input.committed(P0) is None
+    clients.producer.ack_all()
+    _step_until(worker, lambda: clients.input.committed(P0) == 3)
+    assert [sent.topic for sent in clients.producer.written] == ["news.tagged"] * 3
+
+
+def test_an_invalid_record_is_dead_lettered_and_its_offset_committed(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.producer.auto_ack = True
+    clients.input.assign([P0])
+    _feed(clients, 0, [b"not json", *_events(0, 1)])
+    _step_until(worker, lambda: clients.input.committed(P0) == 2)
+    by_topic = {sent.topic: sent for sent in clients.producer.written}
+    assert set(by_topic) == {"news.tagged", "news.tagged.dlq"}
+    headers = dict(by_topic["news.tagged.dlq"].headers)
+    assert headers[HEADER_STAGE] == b"deserialize"
+    assert by_topic["news.tagged.dlq"].value == b"not json"
+
+
+def test_a_revoke_waits_for_acknowledgements_then_commits_synchronously(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0, P1])
+    _feed(clients, 0, _events(0, 2))
+    _feed(clients, 1, _events(1, 2))
+    _step_until(worker, lambda: len(clients.producer) == 4)
+    clients.producer.auto_ack = True  # the acknowledgements arrive while the revoke waits
+    clients.input.revoke([P0])
+    worker.step()
+    assert ("sync", {P0: 2}) in clients.input.commits
+    assert P0 not in worker.tracker
+    assert P1 in worker.tracker
+
+
+def test_a_revoke_that_times_out_commits_nothing_unacknowledged(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 2))
+    _step_until(worker, lambda: len(clients.producer) == 2)
+    clients.input.revoke([P0])
+    with structlog.testing.capture_logs() as logs:
+        worker.step()
+    assert clients.input.committed(P0) is None
+    assert "revoke timeout: unfinished work dropped" in [entry["event"] for entry in logs]
+    clients.producer.ack_all()  # late acknowledgements of a past assignment change nothing
+    worker.step()
+    assert clients.input.committed(P0) is None
+
+
+def test_a_shutdown_commit_refused_by_a_rebalance_is_tried_again() -> None:
+    clients = FakeClients(auto_ack=True)
+    # An hour between periodic commits: only the shutdown commits.
+    worker = _worker(clients, _settings(commit_interval_ms=3_600_000, shutdown_timeout_s=5.0))
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 3))
+    _step_until(worker, lambda: len(clients.producer.written) == 3)
+    clients.input.sync_errors.append(rebalance_in_progress())
+    assert worker.shutdown() == EXIT_OK
+    assert clients.input.commits == [("sync", {P0: 3})]
+    assert clients.input.closed and clients.producer.closed
+    assert worker.inference.join(WAIT_S)
+
+
+def test_a_lost_partition_commits_nothing(worker: Worker, clients: FakeClients) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 2))
+    _step_until(worker, lambda: len(clients.producer) == 2)
+    clients.input.lose([P0])
+    worker.step()
+    clients.producer.ack_all()
+    for _ in range(5):
+        worker.step()
+        time.sleep(0.002)
+    assert clients.input.commits == []
+    assert P0 not in worker.tracker
+
+
+def test_a_partition_assigned_while_paused_starts_paused(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0])
+    worker.step()
+    worker.intake.pause("test")
+    clients.input.assign([P1])
+    worker.intake.poll(1, 0.0)  # the assignment arrives inside a poll
+    assert clients.input.paused == {P0, P1}
+    worker.intake.resume()
+    assert clients.input.paused == set()
