@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Final
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
 
 from worker.config.settings import DEFAULT_BOOTSTRAP_SERVERS, ENV_PREFIX, split_csv
 from worker.exit_codes import EXIT_OK, EXIT_UNDELIVERED, EXIT_USAGE
+from worker.kafka.errors import ClientError
+from worker.kafka.producer import KafkaProducer
 
 STDIN: Final = "-"
 # Everything queued must reach the broker before the command returns; a minute covers a
@@ -119,14 +120,19 @@ class _Deliveries:
         self.acked = 0
         self.failed: list[str] = []
 
-    def __call__(self, error: KafkaError | None, _message: Message) -> None:
+    def __call__(self, error: ClientError | None) -> None:
         if error is None:
             self.acked += 1
         else:
-            self.failed.append(error.str())
+            self.failed.append(error.message)
 
 
-def _producer(args: argparse.Namespace) -> Producer:
+def _report_client_error(error: ClientError) -> None:
+    if error.fatal:
+        sys.stderr.write(f"tagstream produce: {error.message}\n")
+
+
+def _producer(args: argparse.Namespace) -> KafkaProducer:
     config: dict[str, str] = {"bootstrap.servers": args.bootstrap_servers}
     for item in args.extra:
         key, separator, value = item.partition("=")
@@ -134,7 +140,7 @@ def _producer(args: argparse.Namespace) -> Producer:
             raise ValueError(f"-X {item!r}: expected KEY=VALUE")
         config[key] = value
     config.update({"enable.idempotence": "true", "acks": "all"})
-    return Producer(config)
+    return KafkaProducer(config, on_error=_report_client_error)
 
 
 def _events(args: argparse.Namespace) -> Iterator[Outgoing]:
@@ -153,7 +159,9 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from handle
 
 
-def send(producer: Producer, topic: str, events: Iterable[Outgoing], rate: float) -> _Deliveries:
+def send(
+    producer: KafkaProducer, topic: str, events: Iterable[Outgoing], rate: float
+) -> _Deliveries:
     deliveries = _Deliveries()
     started = time.monotonic()
     for index, event in enumerate(events):
@@ -161,12 +169,16 @@ def send(producer: Producer, topic: str, events: Iterable[Outgoing], rate: float
             time.sleep(max(0.0, started + index / rate - time.monotonic()))
         while True:
             try:
-                producer.produce(topic, value=event.value, key=event.key, on_delivery=deliveries)
-                break
+                refused = producer.produce(topic, event.key, event.value, [], deliveries)
             except BufferError:
                 producer.poll(0.1)
+                continue
+            if refused is not None:
+                deliveries(refused)
+            break
         producer.poll(0)
     producer.flush(FLUSH_TIMEOUT_S)
+    producer.close()
     return deliveries
 
 

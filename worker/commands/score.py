@@ -23,17 +23,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, NamedTuple
 
 from pydantic import ValidationError
-from pydantic_settings import SettingsError as EnvParseError
 from tqdm import tqdm
 
-from worker.config.settings import ENV_PREFIX, ModelSettings, TaggingSettings
-from worker.contract.codec import build_scored_event, decode_input, encode_scored_event, to_request
-from worker.contract.events import InputEvent, Source
+from worker.config.loading import build_section, describe_errors
+from worker.config.settings import ModelSettings, TaggingSettings
+from worker.contract.codec import decode_input, encode_output, to_request
+from worker.contract.events import InputEvent
 from worker.contract.scorer import ScoreError, Scorer, ScoreRequest
-from worker.errors import EventError, ScorerConfigError
+from worker.errors import ConfigError, EventError, ScorerConfigError, ScoresError
 from worker.exit_codes import EXIT_OK, EXIT_USAGE
 from worker.observability.logs import configure_logging
 from worker.scoring.factory import build_scorer
@@ -63,10 +63,6 @@ TAGGING_FLAGS: Final = {
     "include_nli_probs": "include_nli_probs",
 }
 _FIELD_TO_FLAG: Final = {field: dest for dest, field in {**MODEL_FLAGS, **TAGGING_FLAGS}.items()}
-
-
-class SettingsError(ValueError):
-    """A flag or ``TAGSTREAM_*`` variable is invalid; the message names it."""
 
 
 def _positive_int(value: str) -> int:
@@ -118,30 +114,20 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _describe_setting(field: str) -> str:
-    flag = _FIELD_TO_FLAG.get(field)
-    env = f"{ENV_PREFIX}{field.upper()}"
-    return f"{field} (--{flag.replace('_', '-')} / {env})" if flag else f"{field} ({env})"
-
-
-def _settings_error(exc: ValidationError) -> SettingsError:
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False):
-        field = str(error["loc"][0]) if error["loc"] else "settings"
-        parts.append(f"{_describe_setting(field)}: {error['msg'].removeprefix('Value error, ')}")
-    return SettingsError("invalid setting " + "; ".join(parts))
-
-
 def load_settings(args: argparse.Namespace) -> tuple[ModelSettings, TaggingSettings]:
-    """Environment settings with the given flags on top; raises :class:`SettingsError`."""
-    try:
-        model = ModelSettings(**_given(args, MODEL_FLAGS))
-        tagging = TaggingSettings(**_given(args, TAGGING_FLAGS))
-    except ValidationError as exc:
-        raise _settings_error(exc) from None
-    except EnvParseError as exc:  # a complex-typed variable that is not valid JSON
-        raise SettingsError(f"invalid setting: {exc}") from None
+    """Environment settings with the given flags on top; raises :class:`ConfigError`."""
+    model = build_section(ModelSettings, {}, _given(args, MODEL_FLAGS), _FIELD_TO_FLAG)
+    tagging = build_section(TaggingSettings, {}, _given(args, TAGGING_FLAGS), _FIELD_TO_FLAG)
     return model, tagging
+
+
+class _Line(NamedTuple):
+    """The coordinates a scored line reports as its source (``-``, 0, the line number)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,19 +172,21 @@ class _Run:
             if isinstance(outcome, ScoreError):
                 self.report(item.line, "score", f"{outcome.error_class}: {outcome.message}")
                 continue
-            source = Source(
-                topic=SOURCE_TOPIC, partition=SOURCE_PARTITION, offset=item.line, timestamp=None
-            )
-            scored = build_scored_event(
-                item.event,
-                item.request,
-                outcome,
-                source,
-                self.tagging,
-                self.scorer.info,
-                scored_at,
-            )
-            chunks.append(encode_scored_event(scored) + b"\n")
+            coordinates = _Line(SOURCE_TOPIC, SOURCE_PARTITION, item.line, None)
+            try:
+                value = encode_output(
+                    item.event,
+                    item.request,
+                    outcome,
+                    coordinates,
+                    self.tagging,
+                    self.scorer.info,
+                    scored_at,
+                )
+            except ScoresError as exc:
+                self.report(item.line, "score", f"{type(exc).__name__}: {exc}")
+                continue
+            chunks.append(value + b"\n")
         self.out.write(b"".join(chunks))
         self.out.flush()
         self.scored += len(chunks)
@@ -257,10 +245,10 @@ def execute(args: argparse.Namespace) -> int:
     try:
         _quiet_libraries(interactive)
         model_settings, tagging = load_settings(args)
-    except SettingsError as exc:
+    except ConfigError as exc:
         return _fail(str(exc))
     except ValidationError as exc:  # a logging setting (TAGSTREAM_LOG_*)
-        return _fail(str(_settings_error(exc)))
+        return _fail(describe_errors(exc))
     if args.input != STDIN and not Path(args.input).is_file():
         return _fail(f"input file not found: {args.input}")
     try:

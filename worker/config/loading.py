@@ -97,13 +97,26 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return {str(key): value for key, value in loaded.items()}
 
 
-def _describe(error: Mapping[str, Any]) -> str:
-    location = error.get("loc") or ()
-    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-    if not location:
-        return message
-    name = str(location[0])
-    return f"{env_name(name)} ({name}): {message}"
+def describe_setting(name: str, flag_names: Mapping[str, str] | None = None) -> str:
+    """How an error names a setting: ``TAGSTREAM_MAX_BATCH_SIZE (max_batch_size)``, or with
+    a command's own flag ``threshold (--threshold / TAGSTREAM_THRESHOLD)``."""
+    flag = (flag_names or {}).get(name)
+    if flag is None:
+        return f"{env_name(name)} ({name})"
+    return f"{name} (--{flag.replace('_', '-')} / {env_name(name)})"
+
+
+def describe_errors(exc: ValidationError, flag_names: Mapping[str, str] | None = None) -> str:
+    """The one message for invalid settings, every command alike: each broken setting by
+    name, environment variable (and flag), and what is wrong with it; never its value."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        location = error.get("loc") or ()
+        if location:
+            message = f"{describe_setting(str(location[0]), flag_names)}: {message}"
+        parts.append(message)
+    return "invalid setting: " + "; ".join(parts)
 
 
 def _env_is_set(name: str, environ: Mapping[str, str]) -> bool:
@@ -112,9 +125,14 @@ def _env_is_set(name: str, environ: Mapping[str, str]) -> bool:
 
 
 def build_section(
-    cls: type[SettingsT], file_values: Mapping[str, Any], flags: Mapping[str, Any]
+    cls: type[SettingsT],
+    file_values: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    flag_names: Mapping[str, str] | None = None,
 ) -> SettingsT:
-    """One settings class from flags > environment > file > defaults."""
+    """One settings class from flags > environment > file > defaults; raises
+    :class:`ConfigError` (``flag_names``: the command's flag of each setting, for the
+    message)."""
     own = cls.model_fields
     from_file = {
         key: value
@@ -125,8 +143,7 @@ def build_section(
     try:
         return cls(**{**from_file, **from_flags})
     except ValidationError as exc:
-        problems = "; ".join(_describe(error) for error in exc.errors(include_url=False))
-        raise ConfigError(f"invalid setting: {problems}") from None
+        raise ConfigError(describe_errors(exc, flag_names)) from None
     except PydanticSettingsError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
 

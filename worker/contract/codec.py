@@ -11,16 +11,14 @@ object that breaks the :class:`~worker.contract.events.InputEvent` contract).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 import orjson
 from pydantic import ValidationError
 
-from worker.config.settings import TaggingSettings
-from worker.contract.events import InputEvent, ModelRef, NliProbs, ScoredEvent, Source
-from worker.contract.scorer import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
+from worker.contract.events import InputEvent
+from worker.contract.scorer import LabelScores, ModelInfo, ScoreRequest
 from worker.errors import DeserializeError, NoLabelsError, ScoresError, ValidateError
 
 # How many pydantic errors one ValidateError message lists; the rest are counted. A
@@ -32,6 +30,35 @@ MAX_ERROR_MESSAGE_CHARS: Final = 500
 _VALUE_ERROR_PREFIX: Final = "Value error, "
 # 'Z' instead of '+00:00' for UTC, and a naive datetime is taken to be UTC.
 _ORJSON_OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
+class TaggingOptions(Protocol):
+    """The settings the codec reads (``worker.config.settings.TaggingSettings`` is one):
+    input limits, the defaults an event may leave out, and the tag thresholds."""
+
+    @property
+    def labels(self) -> list[str]: ...
+
+    @property
+    def multi_label(self) -> bool: ...
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def label_thresholds(self) -> dict[str, float]: ...
+
+    @property
+    def hypothesis_template(self) -> str: ...
+
+    @property
+    def include_nli_probs(self) -> bool: ...
+
+    @property
+    def max_text_chars(self) -> int: ...
+
+    @property
+    def max_labels(self) -> int: ...
 
 
 def _clip(message: str) -> str:
@@ -86,7 +113,7 @@ def _json_kind(obj: Any) -> str:
     return "a number"
 
 
-def validation_context(tagging: TaggingSettings) -> dict[str, int]:
+def validation_context(tagging: TaggingOptions) -> dict[str, int]:
     """The pydantic context that applies the configured input limits (one dict per
     settings object, built once: this runs for every consumed record)."""
     cached = _contexts.get(id(tagging))
@@ -99,13 +126,13 @@ def validation_context(tagging: TaggingSettings) -> dict[str, int]:
     return context
 
 
-# A worker has one TaggingSettings; tests build many. Keyed by id, checked by identity.
-_contexts: dict[int, tuple[TaggingSettings, dict[str, int]]] = {}
+# A worker has one TaggingOptions; tests build many. Keyed by id, checked by identity.
+_contexts: dict[int, tuple[TaggingOptions, dict[str, int]]] = {}
 _CONTEXT_CACHE_LIMIT: Final = 64
 
 
 def decode_input(
-    value: bytes | bytearray | memoryview | None, tagging: TaggingSettings
+    value: bytes | bytearray | memoryview | None, tagging: TaggingOptions
 ) -> InputEvent:
     """Parse and validate one record value.
 
@@ -126,7 +153,7 @@ def decode_input(
         raise ValidateError(message, fields) from None
 
 
-def to_request(event: InputEvent, tagging: TaggingSettings) -> ScoreRequest:
+def to_request(event: InputEvent, tagging: TaggingOptions) -> ScoreRequest:
     """The scorer request of an event, with the configured defaults filled in.
 
     Raises :class:`NoLabelsError` when neither the event nor the settings give labels.
@@ -142,7 +169,7 @@ def to_request(event: InputEvent, tagging: TaggingSettings) -> ScoreRequest:
     )
 
 
-def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingSettings) -> list[str]:
+def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingOptions) -> list[str]:
     """Labels that pass their threshold (multi-label), else the single top label.
 
     ``scores`` is sorted highest first, so the tags come out in score order.
@@ -164,93 +191,12 @@ def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingSettings
     ]
 
 
-def _nli_probs(labels: tuple[str, ...], nli: Mapping[str, NliProbabilities]) -> dict[str, NliProbs]:
-    return {
-        label: NliProbs(
-            entailment=probs.entailment,
-            contradiction=probs.contradiction,
-            neutral=probs.neutral,
-        )
-        for label in labels
-        if (probs := nli.get(label)) is not None
-    }
-
-
-_model_refs: dict[tuple[str, str], ModelRef] = {}
-
-
-def _model_ref(model: ModelInfo) -> ModelRef:
-    """One ModelRef per model, shared by its scored events (a worker has one model)."""
-    key = (model.name, model.revision)
-    ref = _model_refs.get(key)
-    if ref is None:
-        ref = _model_refs[key] = ModelRef(name=model.name, revision=model.revision)
-    return ref
-
-
-def _as_utc(moment: datetime) -> datetime:
+def as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is UTC:
         return moment  # the worker's own clock: nothing to convert
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
-
-
-def event_id(event: InputEvent, source: Source) -> str:
-    """The caller's id, else the record's coordinates ``topic:partition:offset``."""
-    if event.id is not None:
-        return event.id
-    return f"{source.topic}:{source.partition}:{source.offset}"
-
-
-# The positional signature is shared with the streaming worker, hence the noqa.
-def build_scored_event(  # noqa: PLR0917
-    event: InputEvent,
-    request: ScoreRequest,
-    scores: LabelScores,
-    source: Source,
-    tagging: TaggingSettings,
-    model: ModelInfo,
-    scored_at: datetime,
-) -> ScoredEvent:
-    """The output record of one scored event; pydantic checks the scorer's output (a
-    ValidationError for scores outside 0..1, say). ``source`` and the model reference are
-    model instances, which pydantic takes as they are."""
-    nli = scores.nli if tagging.include_nli_probs else None
-    return ScoredEvent(
-        id=event_id(event, source),
-        source=source,
-        labels=list(scores.labels),
-        scores=list(scores.scores),
-        tags=select_tags(scores, request.multi_label, tagging),
-        multi_label=request.multi_label,
-        hypothesis_template=request.hypothesis_template,
-        truncated=scores.truncated,
-        model=_model_ref(model),
-        metadata=event.metadata,
-        scored_at=_as_utc(scored_at),
-        nli=None if nli is None else _nli_probs(scores.labels, nli),
-    )
-
-
-# The wire format's keys, in order; encode_scored_event writes exactly these (checked at
-# import, so a contract change cannot silently drop a field from the output).
-_SCORED_FIELDS: Final = (
-    "id",
-    "source",
-    "labels",
-    "scores",
-    "tags",
-    "multi_label",
-    "hypothesis_template",
-    "truncated",
-    "model",
-    "metadata",
-    "scored_at",
-    "nli",
-)
-if tuple(ScoredEvent.model_fields) != _SCORED_FIELDS:  # pragma: no cover - contract guard
-    raise ImportError("ScoredEvent changed: update worker.contract.codec.encode_scored_event")
 
 
 class RecordCoordinates(Protocol):
@@ -270,9 +216,9 @@ class RecordCoordinates(Protocol):
 
 
 def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
-    """The scorer's labels and scores as the output contract wants them (what pydantic
-    checks in :func:`build_scored_event`): one score per label, labels strings, scores
-    numbers within 0..1 (NaN is not). Raises :class:`ScoresError`."""
+    """The scorer's labels and scores as the output contract wants them (what the
+    :class:`~worker.contract.events.ScoredEvent` model checks): one score per label,
+    labels strings, scores numbers within 0..1 (NaN is not). Raises :class:`ScoresError`."""
     labels = list(scores.labels)
     try:
         values = [float(score) for score in scores.scores]
@@ -288,13 +234,13 @@ def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
     return labels, values
 
 
-# The positional signature mirrors build_scored_event, hence the noqa.
+# One argument per part of a scored event, hence the noqa.
 def encode_output(  # noqa: PLR0917
     event: InputEvent,
     request: ScoreRequest,
     scores: LabelScores,
     record: RecordCoordinates,
-    tagging: TaggingSettings,
+    tagging: TaggingOptions,
     model: ModelInfo,
     scored_at: datetime,
 ) -> bytes:
@@ -324,7 +270,7 @@ def encode_output(  # noqa: PLR0917
         "truncated": bool(scores.truncated),
         "model": {"name": model.name, "revision": model.revision},
         "metadata": event.metadata,
-        "scored_at": _as_utc(scored_at),
+        "scored_at": as_utc(scored_at),
     }
     if nli is not None:
         document["nli"] = {
@@ -335,42 +281,5 @@ def encode_output(  # noqa: PLR0917
             }
             for label in labels
             if (probs := nli.get(label)) is not None
-        }
-    return orjson.dumps(document, option=_ORJSON_OPTIONS)
-
-
-def encode_scored_event(event: ScoredEvent) -> bytes:
-    """Compact JSON bytes of a scored event; ``nli`` is left out when absent.
-
-    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli))``, written from
-    the attributes directly: ``model_dump`` costs several times the encoding itself.
-    """
-    source, model = event.source, event.model
-    document: dict[str, Any] = {
-        "id": event.id,
-        "source": {
-            "topic": source.topic,
-            "partition": source.partition,
-            "offset": source.offset,
-            "timestamp": source.timestamp,
-        },
-        "labels": event.labels,
-        "scores": event.scores,
-        "tags": event.tags,
-        "multi_label": event.multi_label,
-        "hypothesis_template": event.hypothesis_template,
-        "truncated": event.truncated,
-        "model": {"name": model.name, "revision": model.revision},
-        "metadata": event.metadata,
-        "scored_at": event.scored_at,
-    }
-    if event.nli is not None:
-        document["nli"] = {
-            label: {
-                "entailment": probs.entailment,
-                "contradiction": probs.contradiction,
-                "neutral": probs.neutral,
-            }
-            for label, probs in event.nli.items()
         }
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

@@ -20,11 +20,10 @@ into the input topic as is once the cause is fixed, and adds ``tagstream.*`` hea
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
-
-from worker.kafka.records import InputRecord, OutHeaders
+from typing import Final, Protocol
 
 # Error messages can embed arbitrary input (a pydantic message, a scorer traceback
 # line); 1 KiB says what went wrong without letting one header dwarf the record.
@@ -43,6 +42,29 @@ HEADER_ATTEMPTS: Final = "tagstream.attempts"
 HEADER_WORKER: Final = "tagstream.worker"
 HEADER_MODEL: Final = "tagstream.model"
 HEADER_FAILED_AT: Final = "tagstream.failed_at"
+
+
+# One record header as written: name and bytes (or None, which Kafka allows).
+Header = tuple[str, bytes | None]
+
+
+class SourceRecord(Protocol):
+    """The input record a header set describes (``worker.kafka.records.InputRecord`` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp_ms(self) -> int | None: ...
+
+    @property
+    def headers(self) -> Sequence[Header]: ...
 
 
 class Stage(enum.StrEnum):
@@ -84,7 +106,7 @@ def truncate_utf8(message: str, limit: int = MAX_ERROR_MESSAGE_BYTES) -> bytes:
     return head + mark
 
 
-def source_headers(record: InputRecord) -> OutHeaders:
+def source_headers(record: SourceRecord) -> list[Header]:
     """Where the input came from; on scored and dead-letter records alike."""
     return [
         (HEADER_SOURCE_TOPIC, record.topic.encode()),
@@ -99,11 +121,11 @@ def rfc3339(moment: datetime) -> str:
 
 
 def dead_letter_headers(
-    record: InputRecord, failure: Failure, identity: WorkerIdentity, failed_at: datetime
-) -> OutHeaders:
+    record: SourceRecord, failure: Failure, identity: WorkerIdentity, failed_at: datetime
+) -> list[Header]:
     """The input's own headers, unchanged and first, then the ``tagstream.*`` ones."""
     timestamp = b"" if record.timestamp_ms is None else str(record.timestamp_ms).encode()
-    added: OutHeaders = [
+    added: list[Header] = [
         (HEADER_STAGE, failure.stage.value.encode()),
         (HEADER_CLASS, failure.error_class.encode("utf-8", errors="replace")),
         (HEADER_MESSAGE, truncate_utf8(failure.message)),

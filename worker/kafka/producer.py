@@ -7,7 +7,7 @@ pipeline's (:mod:`worker.pipeline.delivery`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -45,8 +45,10 @@ class KafkaProducer:
         def report(error: KafkaError | None, _message: Message) -> None:
             on_delivery(None if error is None else delivery_error(error))
 
+        # The client takes a list and only reads it; the pipeline always passes one.
+        as_list = cast("list[tuple[str, str | bytes | None]]", headers)
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+            self._producer.produce(topic, value=value, key=key, headers=as_list, on_delivery=report)
         except KafkaException as exc:
             return delivery_error(exc.args[0])
         return None
@@ -54,6 +56,10 @@ class KafkaProducer:
     def poll(self, timeout_s: float) -> None:
         """Run the delivery reports that arrived (waiting up to ``timeout_s`` for one)."""
         self._producer.poll(timeout_s)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for every outstanding record; returns how many remain."""
+        return int(self._producer.flush(timeout_s))
 
     def __len__(self) -> int:
         """Records handed over and not yet reported."""

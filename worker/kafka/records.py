@@ -10,8 +10,9 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 # One topic-partition, the key of every per-partition structure in the worker.
 PartitionKey = tuple[str, int]
 Headers = tuple[tuple[str, bytes | None], ...]
-# Headers of a record to produce, in the form confluent-kafka accepts.
-OutHeaders = list[tuple[str, str | bytes | None]]
+# Headers of a record to produce, in the form confluent-kafka accepts (read-only here, so
+# the contract's list of (name, bytes) headers is one).
+OutHeaders = Sequence[tuple[str, str | bytes | None]]
 
 
 class InputRecord(NamedTuple):

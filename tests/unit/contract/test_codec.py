@@ -7,8 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import orjson
 import pytest
 
+from tests.support.oracle import build_scored_event, encode_scored_event
 from worker.config.settings import TaggingSettings
-from worker.contract.codec import build_scored_event, encode_output, encode_scored_event, to_request
+from worker.contract.codec import encode_output, to_request
 from worker.contract.events import DEFAULT_HYPOTHESIS_TEMPLATE, InputEvent, ScoredEvent, Source
 from worker.contract.scorer import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
 from worker.errors import NoLabelsError, ScoresError, ValidateError
@@ -225,6 +226,15 @@ def test_encode_output_writes_the_bytes_of_the_built_scored_event() -> None:
         built = build_scored_event(event, request, scores, SOURCE, tagging, MODEL, moment)
         direct = encode_output(event, request, scores, _Record(), tagging, MODEL, moment)
         assert direct == encode_scored_event(built)
+
+
+def test_encode_output_writes_every_field_of_the_contract_in_its_order() -> None:
+    """A field added to ScoredEvent must reach the wire: the encoder writes the keys itself."""
+    tagging = TaggingSettings(labels=["a"], include_nli_probs=True)
+    event = InputEvent(text="t")
+    request = to_request(event, tagging)
+    raw = encode_output(event, request, SCORES_WITH_NLI, _Record(), tagging, MODEL, SCORED_AT)
+    assert list(orjson.loads(raw)) == list(ScoredEvent.model_fields)
 
 
 @pytest.mark.parametrize(
