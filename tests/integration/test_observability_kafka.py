@@ -22,9 +22,10 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from tests.support.kafka_fixtures import KafkaCluster, unique_name
 from tests.support.observability import samples_of
 from worker.config.observability import ObservabilitySettings
-from worker.observability.health import HealthState, ObservabilityServer
+from worker.observability.health import HealthState
 from worker.observability.logs import LIBRDKAFKA_LOGGER_NAME, configure_logging, librdkafka_logger
 from worker.observability.metrics import WorkerMetrics
+from worker.observability.server import ObservabilityServer
 
 PARTITIONS = 3
 RECORDS_PER_PARTITION = 10

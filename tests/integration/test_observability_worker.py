@@ -35,7 +35,7 @@ from tests.support.worker_process import (
     good_event,
     harness_fixture,
 )
-from worker.observability.logs import MASK
+from worker.observability.redaction import MASK
 
 T = TypeVar("T")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.contract.scorer import ModelInfo
-from worker.observability.metrics import GpuMemory, WorkerMetrics
+from worker.observability.gpu import GpuMemory
+from worker.observability.metrics import WorkerMetrics
 
 STATS_PAYLOAD = Path(__file__).parent / "data" / "librdkafka_consumer_stats.json"
 # The real payload (librdkafka 2.16 consumer, captured from the dev broker) covers topic

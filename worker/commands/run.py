@@ -45,12 +45,8 @@ from worker.contract.scorer import Scorer
 from worker.errors import ConfigError, ObservabilityServerError, ScorerConfigError, WarmUpError
 from worker.exit_codes import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE
 from worker.kafka.admin import missing_topics
-from worker.observability.logs import (
-    bind_process_context,
-    configure_logging,
-    redacted_settings,
-    register_settings_secrets,
-)
+from worker.observability.logs import bind_process_context, configure_logging
+from worker.observability.redaction import redacted_settings, register_settings_secrets
 from worker.observability.setup import Observability, start_observability
 from worker.pipeline.inference import warm_up
 from worker.pipeline.worker import Worker

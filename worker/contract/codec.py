@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 import orjson
 from pydantic import ValidationError
 
-from worker.contract.events import InputEvent
+from worker.contract.events import InputEvent, RecordCoordinates
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreRequest
 from worker.errors import DeserializeError, NoLabelsError, ScoresError, ValidateError
 
@@ -197,22 +197,6 @@ def as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
-
-
-class RecordCoordinates(Protocol):
-    """Where an input record was read (``worker.kafka.records.InputRecord`` is one)."""
-
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
-
-    @property
-    def offset(self) -> int: ...
-
-    @property
-    def timestamp_ms(self) -> int | None: ...
 
 
 def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:

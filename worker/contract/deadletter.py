@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
+from worker.contract.events import RecordCoordinates
+
 # Error messages can embed arbitrary input (a pydantic message, a scorer traceback
 # line); 1 KiB says what went wrong without letting one header dwarf the record.
 MAX_ERROR_MESSAGE_BYTES: Final = 1024
@@ -48,20 +50,8 @@ HEADER_FAILED_AT: Final = "tagstream.failed_at"
 Header = tuple[str, bytes | None]
 
 
-class SourceRecord(Protocol):
+class SourceRecord(RecordCoordinates, Protocol):
     """The input record a header set describes (``worker.kafka.records.InputRecord`` is one)."""
-
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
-
-    @property
-    def offset(self) -> int: ...
-
-    @property
-    def timestamp_ms(self) -> int | None: ...
 
     @property
     def headers(self) -> Sequence[Header]: ...

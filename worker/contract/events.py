@@ -7,7 +7,7 @@ passed as pydantic validation context, so one model serves every configuration.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import (
     BaseModel,
@@ -105,6 +105,23 @@ class Source(BaseModel):
     timestamp: int | None = Field(
         default=None, description="Kafka record timestamp, milliseconds since the epoch."
     )
+
+
+class RecordCoordinates(Protocol):
+    """Where an input record was read (``worker.kafka.records.InputRecord`` is one): what the
+    codec, the dead-letter headers and the metrics need of it."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def timestamp_ms(self) -> int | None: ...
 
 
 class ModelRef(BaseModel):

@@ -50,12 +50,9 @@ and statistics for partitions librdkafka no longer wants (``desired: false``) ar
 
 from __future__ import annotations
 
-import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Collection
+from typing import Literal
 
 import orjson
 import structlog
@@ -67,15 +64,16 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
 
 from worker.contract.scorer import ModelInfo
+from worker.kafka.records import PartitionKey
+from worker.observability.gpu import GpuMemoryCollector, GpuMemoryProbe, torch_cuda_memory
+from worker.observability.lag import LagCollector, LagTracker, parse_statistics
+from worker.observability.names import metric_name
 
-PREFIX = "tagstream"
 log = structlog.get_logger(__name__)
 
 # librdkafka statistics cadence the worker should configure (``statistics.interval.ms``): one
@@ -108,223 +106,6 @@ END_TO_END_BUCKETS: tuple[float, ...] = (
 
 RebalanceKind = Literal["assigned", "revoked", "lost"]
 REBALANCE_KINDS: tuple[RebalanceKind, ...] = ("assigned", "revoked", "lost")
-# librdkafka's id of its internal "unassigned" partition, present in every statistics topic.
-UNASSIGNED_PARTITION = -1
-PartitionKey = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class GpuMemory:
-    """Memory of one CUDA device as the torch caching allocator sees it."""
-
-    device: str
-    allocated_bytes: int
-    reserved_bytes: int
-
-
-GpuMemoryProbe = Callable[[], Sequence[GpuMemory]]
-
-
-def torch_cuda_memory() -> list[GpuMemory]:
-    """Per-device CUDA memory, or nothing when this process has not initialised CUDA.
-
-    torch is looked up in ``sys.modules`` rather than imported: a worker that never imported
-    torch (or never touched CUDA) is by definition not using GPU memory, and a scrape must
-    neither pay for importing torch nor initialise CUDA from the HTTP thread.
-    """
-    torch: Any = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return []
-    return [
-        GpuMemory(
-            device=f"cuda:{index}",
-            allocated_bytes=int(torch.cuda.memory_allocated(index)),
-            reserved_bytes=int(torch.cuda.memory_reserved(index)),
-        )
-        for index in range(torch.cuda.device_count())
-    ]
-
-
-def _metric_name(suffix: str) -> str:
-    return f"{PREFIX}_{suffix}"
-
-
-def _partition_lag(stats: dict[str, Any]) -> int | None:
-    """Messages not yet finished in one ``topics.*.partitions.*`` statistics object.
-
-    librdkafka reports -1 for a lag it cannot compute (no stored / committed offset yet).
-    An empty log (high == low watermark) has nothing to consume whatever the offsets are.
-    """
-    for field in ("consumer_lag_stored", "consumer_lag"):
-        value = stats.get(field)
-        if isinstance(value, int) and value >= 0:
-            return value
-    high, low = stats.get("hi_offset"), stats.get("lo_offset")
-    if isinstance(high, int) and high >= 0 and high == low:
-        return 0
-    return None
-
-
-class _LagTracker:
-    """Per-partition lag state, written by the poll thread and read by scrapes."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._messages: dict[PartitionKey, int] = {}
-        self._last_record_s: dict[PartitionKey, float] = {}
-        # None until the worker reports a rebalance; then statistics are limited to it.
-        self._assigned: set[PartitionKey] | None = None
-
-    def assign(self, keys: Iterable[PartitionKey]) -> int:
-        with self._lock:
-            if self._assigned is None:
-                self._assigned = set()
-            self._assigned.update(keys)
-            return len(self._assigned)
-
-    def revoke(self, keys: Iterable[PartitionKey]) -> int:
-        with self._lock:
-            if self._assigned is None:
-                self._assigned = set()
-            for key in keys:
-                self._assigned.discard(key)
-                self._messages.pop(key, None)
-                self._last_record_s.pop(key, None)
-            return len(self._assigned)
-
-    def observe_record(self, key: PartitionKey, timestamp_s: float) -> None:
-        with self._lock:
-            if self._assigned is None or key in self._assigned:
-                self._last_record_s[key] = timestamp_s
-
-    def update(self, lags: dict[PartitionKey, int | None], unwanted: set[PartitionKey]) -> None:
-        with self._lock:
-            for key in unwanted:
-                self._messages.pop(key, None)
-            for key, lag in lags.items():
-                if self._assigned is not None and key not in self._assigned:
-                    continue
-                if lag is None:
-                    self._messages.pop(key, None)
-                else:
-                    self._messages[key] = lag
-
-    def snapshot(self) -> tuple[dict[PartitionKey, int], dict[PartitionKey, float]]:
-        """(lag in messages, lag in seconds) per partition, as defined in the module doc."""
-        now = self._clock()
-        with self._lock:
-            messages = dict(self._messages)
-            last_record = dict(self._last_record_s)
-        seconds: dict[PartitionKey, float] = {}
-        for key, lag in messages.items():
-            if lag == 0:
-                seconds[key] = 0.0
-            elif key in last_record:
-                seconds[key] = max(0.0, now - last_record[key])
-        return messages, seconds
-
-
-def parse_statistics(
-    stats_json: str | bytes,
-) -> tuple[dict[PartitionKey, int | None], set[PartitionKey]]:
-    """Lag per wanted partition (None: unknown) and the partitions librdkafka no longer wants."""
-    stats = orjson.loads(stats_json)
-    lags: dict[PartitionKey, int | None] = {}
-    unwanted: set[PartitionKey] = set()
-    topics = stats.get("topics") if isinstance(stats, dict) else None
-    if not isinstance(topics, dict):
-        return lags, unwanted
-    for topic, topic_stats in topics.items():
-        partitions = topic_stats.get("partitions") if isinstance(topic_stats, dict) else None
-        if not isinstance(partitions, dict):
-            continue
-        for partition_stats in partitions.values():
-            if not isinstance(partition_stats, dict):
-                continue
-            partition = partition_stats.get("partition")
-            if not isinstance(partition, int) or partition == UNASSIGNED_PARTITION:
-                continue
-            key = (str(topic), partition)
-            if partition_stats.get("desired", True) is False:
-                unwanted.add(key)
-            else:
-                lags[key] = _partition_lag(partition_stats)
-    return lags, unwanted
-
-
-class _LagCollector(Collector):
-    """Lag gauges computed at scrape time, so lag in seconds keeps growing while stuck."""
-
-    def __init__(self, tracker: _LagTracker) -> None:
-        self._tracker = tracker
-
-    def describe(self) -> list[Metric]:
-        return list(self._families({}, {}))
-
-    def collect(self) -> Iterator[Metric]:
-        messages, seconds = self._tracker.snapshot()
-        yield from self._families(messages, seconds)
-
-    @staticmethod
-    def _families(
-        messages: dict[PartitionKey, int], seconds: dict[PartitionKey, float]
-    ) -> Iterator[GaugeMetricFamily]:
-        labels = ["topic", "partition"]
-        lag_messages = GaugeMetricFamily(
-            _metric_name("consumer_lag_messages"),
-            "Records of the partition not yet finished: high watermark minus stored "
-            "(else committed) offset, from librdkafka statistics.",
-            labels=labels,
-        )
-        for (topic, partition), lag in sorted(messages.items()):
-            lag_messages.add_metric([topic, str(partition)], float(lag))
-        yield lag_messages
-        lag_seconds = GaugeMetricFamily(
-            _metric_name("consumer_lag_seconds"),
-            "Age of the last consumed record while the partition has unfinished records; "
-            "0 once drained.",
-            labels=labels,
-        )
-        for (topic, partition), lag_s in sorted(seconds.items()):
-            lag_seconds.add_metric([topic, str(partition)], lag_s)
-        yield lag_seconds
-
-
-class _GpuMemoryCollector(Collector):
-    """GPU memory gauges sampled at scrape time; no series at all when CUDA is unused."""
-
-    def __init__(self, probe: GpuMemoryProbe) -> None:
-        self._probe = probe
-
-    def describe(self) -> list[Metric]:
-        return list(self._families([]))
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            devices = self._probe()
-        except Exception:  # a failing probe must not fail the whole scrape
-            log.warning("GPU memory probe failed", exc_info=True)
-            devices = []
-        yield from self._families(devices)
-
-    @staticmethod
-    def _families(devices: Sequence[GpuMemory]) -> Iterator[GaugeMetricFamily]:
-        allocated = GaugeMetricFamily(
-            _metric_name("gpu_memory_allocated_bytes"),
-            "GPU memory held by live tensors (torch.cuda.memory_allocated).",
-            labels=["device"],
-        )
-        reserved = GaugeMetricFamily(
-            _metric_name("gpu_memory_reserved_bytes"),
-            "GPU memory reserved by the torch caching allocator (torch.cuda.memory_reserved).",
-            labels=["device"],
-        )
-        for gpu in devices:
-            allocated.add_metric([gpu.device], float(gpu.allocated_bytes))
-            reserved.add_metric([gpu.device], float(gpu.reserved_bytes))
-        yield allocated
-        yield reserved
 
 
 class WorkerMetrics:
@@ -346,12 +127,12 @@ class WorkerMetrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._clock = clock
-        self._lag = _LagTracker(clock)
+        self._lag = LagTracker(clock)
         self._define_counters()
         self._define_histograms()
         self._define_gauges()
-        self.registry.register(_LagCollector(self._lag))
-        self.registry.register(_GpuMemoryCollector(gpu_memory_probe))
+        self.registry.register(LagCollector(self._lag))
+        self.registry.register(GpuMemoryCollector(gpu_memory_probe))
         if process_metrics:
             self._register_process_collectors()
 
@@ -360,52 +141,52 @@ class WorkerMetrics:
     def _define_counters(self) -> None:
         reg = self.registry
         self._consumed = Counter(
-            _metric_name("events_consumed"),
+            metric_name("events_consumed"),
             "Records read from the input topics.",
             ["topic"],
             registry=reg,
         )
         self._scored = Counter(
-            _metric_name("events_scored"),
+            metric_name("events_scored"),
             "Scored events whose output the broker acknowledged.",
             registry=reg,
         )
         self._dead_lettered = Counter(
-            _metric_name("events_dead_lettered"),
+            metric_name("events_dead_lettered"),
             "Dead-letter records the broker acknowledged, by failing stage and error class.",
             ["stage", "error_class"],
             registry=reg,
         )
         self._discarded = Counter(
-            _metric_name("events_discarded"),
+            metric_name("events_discarded"),
             "Consumed records dropped without output or dead-letter record, by reason "
             "(not_assigned, seen, revoked, lost, shutdown).",
             ["reason"],
             registry=reg,
         )
         self._produce_retries = Counter(
-            _metric_name("produce_retries"),
+            metric_name("produce_retries"),
             "Produce calls retried after a transient error.",
             ["error"],
             registry=reg,
         )
         self._batches = Counter(
-            _metric_name("batches"),
+            metric_name("batches"),
             "Micro-batches closed, by what closed them (size, tokens, time, flush).",
             ["reason"],
             registry=reg,
         )
         self._commits = Counter(
-            _metric_name("offset_commits"), "Offset commits attempted.", registry=reg
+            metric_name("offset_commits"), "Offset commits attempted.", registry=reg
         )
         self._commit_failures = Counter(
-            _metric_name("offset_commit_failures"), "Offset commits that failed.", registry=reg
+            metric_name("offset_commit_failures"), "Offset commits that failed.", registry=reg
         )
         self._rebalances = Counter(
-            _metric_name("rebalances"), "Rebalance callbacks, by kind.", ["kind"], registry=reg
+            metric_name("rebalances"), "Rebalance callbacks, by kind.", ["kind"], registry=reg
         )
         self._rebalance_partitions = Counter(
-            _metric_name("rebalance_partitions"),
+            metric_name("rebalance_partitions"),
             "Partitions assigned, revoked or lost in rebalances, by kind.",
             ["kind"],
             registry=reg,
@@ -417,37 +198,37 @@ class WorkerMetrics:
     def _define_histograms(self) -> None:
         reg = self.registry
         self._batch_size = Histogram(
-            _metric_name("batch_size_events"),
+            metric_name("batch_size_events"),
             "Events per scored micro-batch.",
             buckets=BATCH_SIZE_BUCKETS,
             registry=reg,
         )
         self._batch_tokens = Histogram(
-            _metric_name("batch_tokens"),
+            metric_name("batch_tokens"),
             "Estimated tokens per scored micro-batch.",
             buckets=BATCH_TOKENS_BUCKETS,
             registry=reg,
         )
         self._batch_fill = Histogram(
-            _metric_name("batch_fill_ratio"),
+            metric_name("batch_fill_ratio"),
             "Events per batch divided by max_batch_size.",
             buckets=BATCH_FILL_BUCKETS,
             registry=reg,
         )
         self._batch_wait = Histogram(
-            _metric_name("batch_wait_seconds"),
+            metric_name("batch_wait_seconds"),
             "How long the first event of a batch waited for the batch to close.",
             buckets=BATCH_WAIT_BUCKETS,
             registry=reg,
         )
         self._inference = Histogram(
-            _metric_name("inference_seconds"),
+            metric_name("inference_seconds"),
             "Scorer time per micro-batch.",
             buckets=INFERENCE_BUCKETS,
             registry=reg,
         )
         self._end_to_end = Histogram(
-            _metric_name("end_to_end_latency_seconds"),
+            metric_name("end_to_end_latency_seconds"),
             "Record timestamp to acknowledged output (scored or dead-lettered).",
             buckets=END_TO_END_BUCKETS,
             registry=reg,
@@ -456,22 +237,22 @@ class WorkerMetrics:
     def _define_gauges(self) -> None:
         reg = self.registry
         self._in_flight = Gauge(
-            _metric_name("in_flight_batches"),
+            metric_name("in_flight_batches"),
             "Micro-batches handed to the inference thread and not yet scored.",
             registry=reg,
         )
         self._paused = Gauge(
-            _metric_name("paused_partitions"),
+            metric_name("paused_partitions"),
             "Assigned partitions paused for backpressure.",
             registry=reg,
         )
         self._assigned = Gauge(
-            _metric_name("assigned_partitions"),
+            metric_name("assigned_partitions"),
             "Partitions assigned to this worker.",
             registry=reg,
         )
         self._model_info = Info(
-            _metric_name("model"), "The model that scores the events.", registry=reg
+            metric_name("model"), "The model that scores the events.", registry=reg
         )
 
     def _register_process_collectors(self) -> None:

@@ -17,27 +17,14 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
 
+from worker.contract.events import RecordCoordinates
 from worker.kafka.records import PartitionKey
 from worker.observability.health import HealthState
 from worker.observability.metrics import REBALANCE_KINDS, WorkerMetrics
 from worker.pipeline.observer import DiscardReason, Observer
 
 OUTPUT_KIND = "output"
-
-
-class ConsumedRecord(Protocol):
-    """What the metrics need of a consumed record (``worker.kafka.records.InputRecord``)."""
-
-    @property
-    def topic(self) -> str: ...
-
-    @property
-    def partition(self) -> int: ...
-
-    @property
-    def timestamp_ms(self) -> int | None: ...
 
 
 class MetricsObserver(Observer):
@@ -64,7 +51,7 @@ class MetricsObserver(Observer):
 
     # -- Observer ----------------------------------------------------------------------------
 
-    def records_consumed(self, records: Iterable[ConsumedRecord]) -> None:
+    def records_consumed(self, records: Iterable[RecordCoordinates]) -> None:
         """Main thread: every record one poll returned, before any discard (counts per
         topic, and the newest timestamp per partition for the lag in seconds)."""
         per_topic: Counter[str] = Counter()

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.config.observability import ObservabilitySettings
-from worker.observability.health import HealthState, ObservabilityServer, start_observability_server
+from worker.observability.health import HealthState
 from worker.observability.logs import librdkafka_logger
 from worker.observability.metrics import STATISTICS_INTERVAL_MS, WorkerMetrics
 from worker.observability.observer import MetricsObserver
+from worker.observability.server import ObservabilityServer, start_observability_server
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Writes scored and dead-letter records, and turns broker acknowledgements into done offsets.
 
-Any thread may :meth:`ProducerStage.send`; only the main thread calls :meth:`serve` and
-:meth:`flush`, so delivery callbacks, retries and offset bookkeeping all run there.
+Any thread may :meth:`ProducerStage.send`; only the main thread calls
+:meth:`ProducerStage.serve` (the commit's "flush outputs" and "confirm delivery" steps are
+repeated calls of it), so delivery callbacks, retries and offset bookkeeping all run there.
 
 What happens to a record the broker did not take:
 

@@ -49,7 +49,7 @@ class Observer:
         dead-letter record (``reason``: a :class:`DiscardReason`)."""
 
     def batch_closed(self, size: int, tokens: int, reason: str, age_s: float) -> None:
-        """Main thread: a micro-batch closed (``reason``: size, tokens, time, flush)."""
+        """Main thread: a micro-batch closed (``reason``: size, tokens or time)."""
 
     def batch_submitted(self, size: int, in_flight: int) -> None:
         """Main thread: a batch went to the inference thread; ``in_flight`` counts it."""

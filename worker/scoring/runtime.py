@@ -1,4 +1,4 @@
-"""Where and how a model runs: device and dtype resolution, and model loading.
+"""Where and how a model runs: device and dtype resolution, model loading and its revision.
 
 Shared by the NLI and embedding scorers. Loading never forces network access: a hub id that is
 already in the local cache loads offline when ``HF_HUB_OFFLINE=1`` is set, exactly as
@@ -30,7 +30,14 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# Reported for a local model directory that is not a git checkout.
 LOCAL_REVISION = "local"
+# Reported for a hub id given without a revision and not found in the local cache.
+DEFAULT_BRANCH = "main"
+# tokenizer.model_max_length at or above this means "not set" (transformers uses 1e30).
+UNSET_MODEL_MAX_LENGTH = 1_000_000
+# Used when neither tokenizer nor model declares a limit: the common encoder limit.
+FALLBACK_MAX_LENGTH = 512
 _DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _COMMIT_HASH = re.compile(r"^[0-9a-f]{40}$")
 # A packed-refs line is "<commit> <ref name>".
@@ -115,14 +122,45 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     return snapshot if _COMMIT_HASH.match(snapshot) else None
 
 
+def is_commit(revision: str) -> bool:
+    """Whether ``revision`` is a full commit hash (40 lowercase hex digits)."""
+    return _COMMIT_HASH.match(revision) is not None
+
+
+def resolve_revision(model: str, revision: str | None) -> str:
+    """The revision to report for ``model`` (a local directory or a hub id).
+
+    A directory: its git commit when it is a git checkout, else ``"local"``. A hub id: the
+    snapshot commit ``revision`` resolves to in the local hub cache, else ``revision`` itself,
+    else ``"main"``.
+    """
+    directory = Path(model).expanduser()
+    if directory.is_dir():
+        return _git_commit(directory) or LOCAL_REVISION
+    return _cached_commit(model, revision) or revision or DEFAULT_BRANCH
+
+
+def use_safetensors(settings: ModelSettings) -> bool | None:
+    """``from_pretrained``'s ``use_safetensors``: safetensors only unless ``allow_pickle``.
+
+    None: safetensors when present, else the pickle file; True: safetensors or fail.
+    """
+    return None if settings.allow_pickle else True
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the CUDA allocator's cached blocks back (after an out-of-memory error)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _load_model(
     settings: ModelSettings, revision: str | None, dtype: torch.dtype
 ) -> PreTrainedModel:
     kwargs: dict[str, Any] = {
         "revision": revision,
         "trust_remote_code": settings.trust_remote_code,
-        # None: safetensors when present, else the pickle file; True: safetensors or fail.
-        "use_safetensors": None if settings.allow_pickle else True,
+        "use_safetensors": use_safetensors(settings),
         "dtype": dtype,
     }
     model: PreTrainedModel
@@ -160,16 +198,14 @@ def load_sequence_classifier(
     The model is moved to ``device``, cast to ``dtype`` and put in eval mode; attention
     uses SDPA where the model class supports it.
     """
-    directory = Path(settings.model).expanduser()
-    is_local = directory.is_dir()
+    is_local = Path(settings.model).expanduser().is_dir()
     model = _load_model(settings, None if is_local else settings.revision, dtype)
+    resolved = resolve_revision(settings.model, settings.revision)
     if is_local:
-        resolved = _git_commit(directory) or LOCAL_REVISION
         tokenizer_revision = None
     else:
-        resolved = _cached_commit(settings.model, settings.revision) or settings.revision or "main"
         # Same snapshot as the weights, even if the branch moved while we were loading.
-        tokenizer_revision = resolved if _COMMIT_HASH.match(resolved) else settings.revision
+        tokenizer_revision = resolved if is_commit(resolved) else settings.revision
     tokenizer = AutoTokenizer.from_pretrained(
         settings.model,
         revision=tokenizer_revision,

@@ -15,7 +15,6 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
-from confluent_kafka import KafkaError
 
 from tests.support.scorers import FakeScorer
 from worker.cli import main
@@ -25,8 +24,8 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.settings import KafkaSettings, ModelSettings
 from worker.errors import ConfigError
 from worker.kafka.config import consumer_config, producer_config, security_config
-from worker.kafka.errors import ErrorKind, classify
-from worker.observability.logs import clear_process_context, clear_secrets
+from worker.observability.logs import clear_process_context
+from worker.observability.redaction import clear_secrets
 from worker.observability.setup import start_observability
 from worker.pipeline.delivery import RETRY_BACKOFF_MAX_S, backoff_delay
 
@@ -339,25 +338,6 @@ def test_security_settings_reach_both_clients() -> None:
 
 def test_a_sasl_mechanism_needs_a_sasl_protocol() -> None:
     assert "TAGSTREAM_SASL_MECHANISM" in _error(**REQUIRED, sasl_mechanism="PLAIN")
-
-
-@pytest.mark.parametrize(
-    ("code", "kind"),
-    [
-        (KafkaError._MSG_TIMED_OUT, ErrorKind.RETRIABLE),
-        (KafkaError._TRANSPORT, ErrorKind.RETRIABLE),
-        (KafkaError.NOT_ENOUGH_REPLICAS, ErrorKind.RETRIABLE),
-        (KafkaError.LEADER_NOT_AVAILABLE, ErrorKind.RETRIABLE),
-        (KafkaError.REQUEST_TIMED_OUT, ErrorKind.RETRIABLE),
-        (KafkaError.MSG_SIZE_TOO_LARGE, ErrorKind.TOO_LARGE),
-        (KafkaError.TOPIC_AUTHORIZATION_FAILED, ErrorKind.FATAL),
-        (KafkaError.SASL_AUTHENTICATION_FAILED, ErrorKind.FATAL),
-        (KafkaError._FATAL, ErrorKind.FATAL),
-        (KafkaError.INVALID_RECORD, ErrorKind.FATAL),
-    ],
-)
-def test_error_classification(code: int, kind: ErrorKind) -> None:
-    assert classify(KafkaError(code)) is kind
 
 
 def test_retry_backoff_grows_exponentially_up_to_a_cap() -> None:

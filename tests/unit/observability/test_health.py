@@ -14,8 +14,9 @@ import pytest
 from tests.support.observability import FakeClock, new_metrics, record_everything, samples_of
 from worker.config.observability import ObservabilitySettings
 from worker.errors import ObservabilityServerError
-from worker.observability.health import HealthState, ObservabilityServer, start_observability_server
+from worker.observability.health import HealthState
 from worker.observability.metrics import WorkerMetrics
+from worker.observability.server import ObservabilityServer, start_observability_server
 from worker.observability.setup import start_observability
 
 STALE_AFTER_S = 0.5

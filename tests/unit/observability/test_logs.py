@@ -22,12 +22,14 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.settings import KafkaSettings
 from worker.observability.logs import (
     LIBRDKAFKA_LOGGER_NAME,
-    MASK,
     bind_process_context,
     clear_process_context,
-    clear_secrets,
     configure_logging,
     librdkafka_logger,
+)
+from worker.observability.redaction import (
+    MASK,
+    clear_secrets,
     redact,
     redacted_settings,
     register_secret,

@@ -21,13 +21,10 @@ from tests.support.observability import (
     samples,
     value,
 )
+from worker.observability.gpu import GpuMemory, torch_cuda_memory
 from worker.observability.health import HealthState
-from worker.observability.metrics import (
-    GpuMemory,
-    WorkerMetrics,
-    parse_statistics,
-    torch_cuda_memory,
-)
+from worker.observability.lag import parse_statistics
+from worker.observability.metrics import WorkerMetrics
 from worker.observability.observer import MetricsObserver
 
 # Every metric issue 5 asks for, by family name as prometheus_client reports it
@@ -346,6 +343,7 @@ def test_lag_seconds_is_never_negative_under_clock_skew() -> None:
 class _Record:
     def __init__(self, topic: str, partition: int, timestamp_ms: int | None) -> None:
         self.topic, self.partition, self.timestamp_ms = topic, partition, timestamp_ms
+        self.offset = 0
 
 
 def test_observer_keeps_the_ledger_consumed_equals_scored_dead_lettered_discarded() -> None:

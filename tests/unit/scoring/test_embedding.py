@@ -26,8 +26,6 @@ from worker.scoring.embedding import (
     PACKAGED_MODEL_NAME,
     EmbeddingScorer,
     packaged_model_dir,
-    padded_length,
-    plan_batches,
     resolve_source,
     similarity_scores,
 )
@@ -309,21 +307,6 @@ def test_estimate_tokens_grows_with_text_up_to_the_limit(scorer: EmbeddingScorer
     longer = scorer.estimate_tokens(request(SPORTS_TEXT))
     assert 0 < short < longer
     assert scorer.estimate_tokens(request("word " * 10_000)) == MINILM_MAX_LENGTH
-
-
-def test_plan_batches_respects_the_budget() -> None:
-    lengths = [10, 300, 40, 40, 8, 120, 9]
-    batches = plan_batches(lengths, max_batch_tokens=128)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    for batch in batches:
-        padded = max(lengths[i] for i in batch)
-        assert len(batch) == 1 or len(batch) * padded <= 128
-    assert [1] in batches  # longer than the budget: alone
-
-
-def test_padded_length_rounds_to_eight_within_the_limit() -> None:
-    assert [padded_length(n, 256) for n in (1, 8, 9, 250, 256)] == [8, 8, 16, 256, 256]
-    assert padded_length(300, 256) == 300
 
 
 def test_similarity_mapping_constants() -> None:

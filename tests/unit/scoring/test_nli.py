@@ -21,14 +21,9 @@ from transformers import (
 from tests.support.models import LABEL_WORDS, generated_sentences
 from worker.config.settings import ModelSettings
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
+from worker.scoring.batching import PAD_MULTIPLE, plan_batches
 from worker.scoring.factory import build_scorer
-from worker.scoring.nli import (
-    MIN_ROW_FILL,
-    PAD_MULTIPLE,
-    NliLabelIndices,
-    NliScorer,
-    plan_sub_batches,
-)
+from worker.scoring.nli import MIN_ROW_FILL, NliLabelIndices, NliScorer
 
 FIXTURES = ("tiny_bart_dir", "tiny_deberta_dir", "tiny_two_class_dir")
 TEMPLATE = "This example is {}."
@@ -248,7 +243,12 @@ def test_label_indices_follow_the_pipeline(
         indices = NliLabelIndices.from_config(config, "acme/nli")
     assert (indices.entailment, indices.contradiction) == (entailment, contradiction)
     assert (indices.named_contradiction, indices.neutral) == (named, neutral)
-    warned = [entry for entry in logs if entry["event"] == "contradiction_label_not_used"]
+    warned = [
+        entry
+        for entry in logs
+        if entry["event"]
+        == "the pipeline's contradiction index is not the label named contradiction"
+    ]
     assert bool(warned) == (named != contradiction)
 
 
@@ -313,18 +313,18 @@ def _width(length: int) -> int:
 
 def test_plan_groups_longest_first_under_the_budget() -> None:
     lengths = [5, 17, 9, 30, 3, 100, 16]
-    plan = plan_sub_batches(lengths, budget=64, max_length=128)
+    plan = plan_batches(lengths, budget=64, max_length=128, min_fill=MIN_ROW_FILL)
     assert sorted(i for batch in plan for i in batch) == list(range(len(lengths)))
     assert plan[0] == [5]  # 100 tokens, alone: over the budget on its own
     for batch in plan:
         width = _width(max(lengths[i] for i in batch))
         assert len(batch) == 1 or width * len(batch) <= 64
-    assert plan_sub_batches([126], budget=64, max_length=126) == [[0]]
+    assert plan_batches([126], budget=64, max_length=126, min_fill=MIN_ROW_FILL) == [[0]]
 
 
 def test_plan_keeps_short_rows_out_of_long_rows_padding() -> None:
     lengths = [30, 250, 41, 33, 256, 40, 29, 248, 200]
-    plan = plan_sub_batches(lengths, budget=16_384, max_length=1024)
+    plan = plan_batches(lengths, budget=16_384, max_length=1024, min_fill=MIN_ROW_FILL)
     assert plan == [[4, 1, 7], [8], [2, 5, 3], [0, 6]]
     for batch in plan:
         width = _width(max(lengths[i] for i in batch))
@@ -430,7 +430,7 @@ def test_cuda_oom_halves_the_budget_for_the_rest_of_the_run(tiny_deberta_dir: Pa
 
     assert recorder.ooms == 1  # the sub-batches not yet run were re-planned, not retried
     assert scorer.max_batch_tokens == budget // 2
-    assert [e["event"] for e in logs].count("cuda_oom_budget_halved") == 1
+    assert [e["event"] for e in logs].count("CUDA out of memory, token budget halved") == 1
     after = recorder.batches[1:]
     assert len(after) > 2 and all(b["input_ids"].numel() <= budget // 2 for b in after)
     for got, want in zip(outcomes, expected, strict=True):

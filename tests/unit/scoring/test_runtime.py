@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants
 from transformers import AutoModelForSequenceClassification
 
 from worker.config.settings import ModelSettings
 from worker.scoring.runtime import (
+    DEFAULT_BRANCH,
     LOCAL_REVISION,
     load_sequence_classifier,
     resolve_device,
     resolve_dtype,
+    resolve_revision,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -97,6 +100,37 @@ def test_git_checkout_reports_its_commit(tiny_two_class_dir: Path, tmp_path: Pat
         ModelSettings(model=str(checkout)), CPU, torch.float32
     )
     assert revision == COMMIT
+
+
+def test_resolve_revision_of_directories_and_hub_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert resolve_revision(str(plain), "ignored") == LOCAL_REVISION
+    packed = tmp_path / "packed"
+    (packed / ".git").mkdir(parents=True)
+    (packed / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (packed / ".git" / "packed-refs").write_text(f"# pack-refs\n{COMMIT} refs/heads/main\n")
+    assert resolve_revision(str(packed), None) == COMMIT
+    detached = tmp_path / "detached"
+    (detached / ".git").mkdir(parents=True)
+    (detached / ".git" / "HEAD").write_text(COMMIT + "\n")
+    assert resolve_revision(str(detached), None) == COMMIT
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    assert resolve_revision("acme/not-cached", None) == DEFAULT_BRANCH
+    assert resolve_revision("acme/not-cached", "v2") == "v2"
+    repo = hub / "models--acme--cached"
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    (repo / "snapshots" / COMMIT / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    assert resolve_revision("acme/cached", None) == COMMIT
+    assert resolve_revision("acme/cached", "main") == COMMIT
+    assert resolve_revision("acme/cached", COMMIT) == COMMIT
+    assert resolve_revision("acme/cached", "v2") == "v2"  # a ref the cache does not know
 
 
 _LOAD_FROM_HUB = """
