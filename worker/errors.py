@@ -85,6 +85,11 @@ class WarmUpError(TagstreamError):
     """The model could not score the warm-up request."""
 
 
+class DeviceError(TagstreamError):
+    """The accelerator is in a state no retry clears (a sticky CUDA error): only a new
+    process helps, so the worker stops instead of dead-lettering every later event."""
+
+
 @dataclass(frozen=True, slots=True)
 class KafkaErrorInfo:
     """What the client said about a Kafka error, kept without the client's types."""

@@ -3,7 +3,9 @@
 The scorer never raises for a single event (it returns a :class:`ScoreError`), but a
 whole call can still fail (out of memory, a bug on one odd input). The batch is then
 scored again one event at a time, so only the events that fail on their own are
-dead-lettered (stage ``inference``); the others are scored normally.
+dead-lettered (stage ``inference``); the others are scored normally. A batch of one that
+fails dead-letters its event at once. Only a :class:`~worker.errors.DeviceError` (a sticky
+CUDA error: every later call would fail too) ends the thread, and so the worker.
 
 Events of a partition revoked while their batch waited are skipped (and reported through
 ``on_abandoned``): the partition's new owner scores them.
@@ -27,7 +29,7 @@ from worker.config.settings import TaggingSettings
 from worker.contract.codec import encode_output
 from worker.contract.deadletter import Failure, Stage, source_headers
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
-from worker.errors import WarmUpError
+from worker.errors import DeviceError, WarmUpError
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.delivery import AbandonHook, Outbound, ProducerStage, abandon_as_revoked
 from worker.pipeline.observer import Observer
@@ -154,17 +156,16 @@ class InferenceStage:
             if len(outcomes) != len(requests):
                 raise RuntimeError(f"scorer returned {len(outcomes)} results for {len(requests)}")
             return outcomes
-        except Exception:
-            if len(requests) == 1:
-                raise
-            log.warning("batch scoring failed, scoring events one by one", exc_info=True)
-        return [self._score_one(request) for request in requests]
-
-    def _score_one(self, request: ScoreRequest) -> ScoreOutcome:
-        try:
-            return self._score([request])[0]
+        except DeviceError:
+            raise  # the device is gone for this process: stop, do not dead-letter the rest
         except Exception as exc:
-            return ScoreError.from_exception(exc)
+            if len(requests) == 1:
+                # Alone in its batch, the event is the cause: it is dead-lettered, and the
+                # thread goes on (a one-event batch is common: low traffic, revokes).
+                log.warning("scoring one event failed, dead-lettering it", exc_info=True)
+                return [ScoreError.from_exception(exc)]
+            log.warning("batch scoring failed, scoring events one by one", exc_info=True)
+        return [self._score([request])[0] for request in requests]
 
     def _emit(self, item: PendingEvent, outcome: ScoreOutcome, scored_at: datetime) -> None:
         if isinstance(outcome, LabelScores):

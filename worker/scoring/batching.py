@@ -23,6 +23,9 @@ PLACEHOLDER_CHARS: Final = 2
 PAD_MULTIPLE: Final = 8
 # The OOM fallback never halves the budget below this (ModelSettings.max_batch_tokens' minimum).
 MIN_BATCH_TOKENS: Final = 64
+# Scorer calls in a row without an out-of-memory error before a halved budget doubles again:
+# long enough that the burst of long texts (or the other tenant) behind the OOM has passed.
+RECOVER_AFTER_CLEAN_CALLS: Final = 200
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:
@@ -73,18 +76,36 @@ def plan_batches(
 
 
 class TokenBudget:
-    """Tokens (padded length x rows) one forward pass may take; halves after an OOM, for good.
+    """Tokens (padded length x rows) one forward pass may take.
 
-    Never below ``floor``, neither at the start nor after halving.
+    Halves after a CUDA out-of-memory error (never below ``floor``) and doubles back, up to
+    the configured budget, after ``recover_after`` scorer calls in a row without one.
     """
 
-    __slots__ = ("_floor", "_tokens")
+    __slots__ = (
+        "_clean_calls",
+        "_configured",
+        "_floor",
+        "_oom_in_call",
+        "_recover_after",
+        "_tokens",
+    )
 
-    def __init__(self, tokens: int, floor: int = MIN_BATCH_TOKENS) -> None:
+    def __init__(
+        self,
+        tokens: int,
+        floor: int = MIN_BATCH_TOKENS,
+        recover_after: int = RECOVER_AFTER_CLEAN_CALLS,
+    ) -> None:
         if floor < 1:
             raise ValueError("the token budget's floor must be positive")
+        if recover_after < 1:
+            raise ValueError("the token budget's recovery stretch must be positive")
         self._floor = floor
-        self._tokens = max(int(tokens), floor)
+        self._tokens = self._configured = max(int(tokens), floor)
+        self._recover_after = recover_after
+        self._clean_calls = 0
+        self._oom_in_call = False
 
     @property
     def tokens(self) -> int:
@@ -94,8 +115,30 @@ class TokenBudget:
     def floor(self) -> int:
         return self._floor
 
+    @property
+    def configured(self) -> int:
+        """The budget it started with, and recovers to."""
+        return self._configured
+
     def halve(self) -> int:
         """Halve the budget (not below the floor); return the budget it had before."""
         previous = self._tokens
         self._tokens = max(previous // 2, self._floor)
+        self._oom_in_call = True
+        self._clean_calls = 0
         return previous
+
+    def end_call(self) -> bool:
+        """A scorer call ended: count it if it saw no OOM, and after ``recover_after`` such
+        calls in a row double a halved budget (up to the configured one). True if it grew."""
+        if self._oom_in_call:
+            self._oom_in_call = False
+            return False
+        if self._tokens >= self._configured:
+            return False
+        self._clean_calls += 1
+        if self._clean_calls < self._recover_after:
+            return False
+        self._clean_calls = 0
+        self._tokens = min(self._tokens * 2, self._configured)
+        return True

@@ -31,13 +31,15 @@ from transformers import AutoModel, AutoTokenizer
 
 from worker.config.settings import DEFAULT_MODEL, ModelSettings
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
-from worker.errors import EmbeddingModelError
+from worker.errors import DeviceError, EmbeddingModelError
 from worker.scoring.batching import TokenBudget, estimated_tokens, padded_length, plan_batches
 from worker.scoring.cache import LruCache
 from worker.scoring.runtime import (
     FALLBACK_MAX_LENGTH,
     UNSET_MODEL_MAX_LENGTH,
+    detached,
     dtype_name,
+    is_sticky_cuda_error,
     release_cached_memory,
     resolve_device,
     resolve_dtype,
@@ -255,6 +257,7 @@ class EmbeddingScorer:
                 label_vectors=label_vectors,
                 outcomes=outcomes,
             )
+        self._budget.end_call()
         return [_done(outcome) for outcome in outcomes]
 
     def _combine(
@@ -355,9 +358,11 @@ class EmbeddingScorer:
         except torch.cuda.OutOfMemoryError as exc:
             self._budget.halve()
             release_cached_memory(self._device)
-            failure: BaseException = exc
+            failure: BaseException = detached(exc)
         except Exception as exc:
-            failure = exc
+            if is_sticky_cuda_error(exc):
+                raise DeviceError(f"model {self._info.name!r}: {exc}") from exc
+            failure = detached(exc)
         if len(batch) == 1:
             return [failure]
         middle = len(batch) // 2

@@ -34,10 +34,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 import torch
+import transformers
 from transformers import PreTrainedTokenizerBase
 
 from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
@@ -49,6 +50,7 @@ from worker.contract.scorer import (
     ScoreOutcome,
     ScoreRequest,
 )
+from worker.errors import DeviceError
 from worker.scoring.batching import (
     PLACEHOLDER_CHARS,
     TokenBudget,
@@ -68,7 +70,9 @@ from worker.scoring.runtime import (
     FALLBACK_MAX_LENGTH,
     LOCAL_REVISION,
     UNSET_MODEL_MAX_LENGTH,
+    detached,
     dtype_name,
+    is_sticky_cuda_error,
     load_sequence_classifier,
     release_cached_memory,
     resolve_device,
@@ -150,6 +154,66 @@ class _Encoded:
 
 
 _Batch = dict[str, torch.Tensor]
+# The collated batch's extra entry: each row's last real position (where BART pools).
+LAST_POSITION = "last_position"
+# Classification models that pool the decoder state at the last <eos> token; with right
+# padding and every pair ending in </s>, that is each row's last real position.
+EOS_POOLED_MODEL_TYPES: Final = frozenset({"bart", "mbart", "plbart", "mvp"})
+
+
+_TRANSFORMERS_MAJOR: Final = int(transformers.__version__.split(".", 1)[0])
+# transformers 5 passes a 4D attention mask through unchanged; 4.x rebuilds masks from 2D.
+READY_MASKS_SINCE: Final = 5
+
+
+def _sdpa_masks(attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The encoder's padding mask and the decoder's causal mask as 4D booleans (True: attend),
+    built from shapes only. Decoder positions past a row's end see only what is before them
+    (causal), so they need no padding mask: the pooled position is the last real one."""
+    keep = attention_mask.bool()
+    rows, width = keep.shape
+    causal = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
+    return {
+        "attention_mask": keep[:, None, None, :].expand(rows, 1, width, width),
+        "decoder_attention_mask": causal[None, None].expand(rows, 1, width, width),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _EosPooledHead:
+    """The base model and classification head of a BART-like classifier, run apart.
+
+    ``BartForSequenceClassification.forward`` finds the pooling positions from the data
+    (``input_ids.eq(eos)``, a count check with ``unique_consecutive``, boolean indexing):
+    each a host synchronisation, and a text containing ``</s>`` makes its count check
+    raise. The positions are known before the forward pass, so a gather does the same.
+    """
+
+    base: Callable[..., Any]
+    head: Callable[[torch.Tensor], torch.Tensor]
+    # SDPA attention given ready 4D boolean masks: transformers 5 then uses them as they
+    # are instead of checking the 2D mask's content (``mask.all()``, a synchronisation).
+    ready_masks: bool
+
+    @classmethod
+    def of(cls, model: Any) -> _EosPooledHead | None:
+        config = getattr(model, "config", None)
+        base = getattr(model, "model", None)
+        head = getattr(model, "classification_head", None)
+        if getattr(config, "model_type", None) not in EOS_POOLED_MODEL_TYPES:
+            return None
+        if base is None or head is None:
+            return None
+        sdpa = getattr(config, "_attn_implementation", None) == "sdpa"
+        ready = sdpa and _TRANSFORMERS_MAJOR >= READY_MASKS_SINCE
+        return cls(base=base, head=head, ready_masks=ready)
+
+    def __call__(self, inputs: dict[str, Any], last: torch.Tensor) -> torch.Tensor:
+        if self.ready_masks:
+            inputs = {**inputs, **_sdpa_masks(inputs["attention_mask"])}
+        hidden: torch.Tensor = self.base(**inputs).last_hidden_state
+        index = last.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        return self.head(hidden.gather(1, index).squeeze(1))
 
 
 @dataclass(slots=True)
@@ -241,6 +305,7 @@ class NliScorer:
         self._hypotheses: LruCache[str, tuple[int, ...]] = LruCache(hypothesis_cache_size)
         forward: Callable[..., Any] = getattr(model, "forward", model)
         self._pass_use_cache = "use_cache" in inspect.signature(forward).parameters
+        self._eos_pooled = _EosPooledHead.of(model)
         self._pin = self._device.type == "cuda"
         use_thread = self._pin if prefetch is None else prefetch
         self._collator = (
@@ -314,6 +379,8 @@ class NliScorer:
             return []
         encoded = self._encode(requests)
         results = self._run(encoded.pairs)
+        if self._budget.end_call():
+            log.info("token budget recovered", model=self._name, tokens=self._budget.tokens)
         logits = results.logits.double()
         multi = torch.softmax(
             logits[:, [self._labels.contradiction, self._labels.entailment]], dim=-1
@@ -523,12 +590,14 @@ class NliScorer:
         except torch.cuda.OutOfMemoryError as exc:
             self._halve_budget(rows, pairs)
             if len(rows) == 1:
-                failures[rows[0]] = exc
+                failures[rows[0]] = detached(exc)
                 return
             pieces = self._replan(rows, pairs)
         except Exception as exc:
+            if is_sticky_cuda_error(exc):
+                raise DeviceError(f"model {self._name!r}: {exc}") from exc
             if len(rows) == 1:
-                failures[rows[0]] = exc
+                failures[rows[0]] = detached(exc)
                 return
             pieces = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
         for piece in pieces:
@@ -566,6 +635,8 @@ class NliScorer:
             for row in rows
         ]
         batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if self._eos_pooled is not None:
+            batch[LAST_POSITION] = torch.tensor([len(pairs[row].input_ids) - 1 for row in rows])
         if self._with_types:
             types = [
                 (pairs[row].token_type_ids or [])
@@ -582,8 +653,11 @@ class NliScorer:
         inputs: dict[str, Any] = {
             key: value.to(self._device, non_blocking=self._pin) for key, value in batch.items()
         }
+        last = inputs.pop(LAST_POSITION, None)
         if self._pass_use_cache:
             inputs["use_cache"] = False
+        if self._eos_pooled is not None and last is not None:
+            return self._eos_pooled(inputs, last)
         logits: torch.Tensor = self._model(**inputs).logits
         return logits
 

@@ -148,6 +148,31 @@ def use_safetensors(settings: ModelSettings) -> bool | None:
     return None if settings.allow_pickle else True
 
 
+# How CUDA words the errors that poison the context for the rest of the process (a
+# device-side assert, an illegal address, a failed launch, an uncorrectable memory error).
+_STICKY_CUDA_ERROR = re.compile(
+    r"device-side assert|illegal memory access|illegal address|illegal instruction"
+    r"|unspecified launch failure|misaligned address|uncorrectable ECC|CUDA error: an illegal"
+    r"|CUBLAS_STATUS_EXECUTION_FAILED|cudaErrorLaunchFailure",
+    re.IGNORECASE,
+)
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a CUDA error after which every later kernel fails too."""
+    return isinstance(exc, RuntimeError) and bool(_STICKY_CUDA_ERROR.search(str(exc)))
+
+
+def detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions, to be kept for later: a stored
+    traceback keeps the frames of the failed forward pass, and with them its activations,
+    alive (after an out-of-memory error, exactly the memory that is short)."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
 def release_cached_memory(device: torch.device) -> None:
     """Hand the CUDA allocator's cached blocks back (after an out-of-memory error)."""
     if device.type == "cuda":

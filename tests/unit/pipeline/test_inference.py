@@ -17,7 +17,7 @@ from worker.contract.codec import to_request
 from worker.contract.deadletter import Failure
 from worker.contract.events import InputEvent
 from worker.contract.scorer import ScoreError, ScoreOutcome, ScoreRequest
-from worker.errors import WarmUpError
+from worker.errors import DeviceError, WarmUpError
 from worker.kafka.records import InputRecord, PartitionKey
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.delivery import Outbound, ProducerStage
@@ -130,6 +130,30 @@ def test_a_batch_that_makes_the_scorer_raise_is_scored_event_by_event() -> None:
     assert [(offset, f.stage.value, f.error_class) for offset, f in producer.dead] == [
         (2, "inference", "RuntimeError")
     ]
+
+
+def test_an_event_that_makes_the_scorer_raise_alone_in_its_batch_is_dead_lettered() -> None:
+    stage, producer, _ = _stage(raising=True)
+    stage.process(_batch([f"x {RAISE_MARKER}"], OffsetTracker()))  # no exception escapes
+    stage.process(_batch(["sports"], OffsetTracker()))  # and the stage goes on
+    assert [(offset, f.stage.value, f.error_class) for offset, f in producer.dead] == [
+        (0, "inference", "RuntimeError")
+    ]
+    assert [record.origin.record.offset for record in producer.sent] == [0]
+
+
+class BrokenDeviceScorer(FakeScorer):
+    """A scorer whose device is gone for good."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        raise DeviceError("CUDA error: device-side assert triggered")
+
+
+def test_a_device_error_ends_the_stage_instead_of_dead_lettering_the_batch() -> None:
+    stage, producer, _ = _stage(scorer=BrokenDeviceScorer(ModelSettings(scorer="x:y")))
+    with pytest.raises(DeviceError):
+        stage.process(_batch(["sports", "finance"], OffsetTracker()))
+    assert not producer.dead and not producer.sent
 
 
 def test_events_of_a_revoked_partition_are_skipped_and_reported_abandoned() -> None:

@@ -121,6 +121,25 @@ def test_budget_halves_down_to_its_floor_and_reports_the_previous_value() -> Non
     assert budget.tokens == 64
 
 
+def test_a_halved_budget_doubles_back_after_a_stretch_of_calls_without_oom() -> None:
+    budget = TokenBudget(1000, recover_after=3)
+    budget.halve()
+    budget.halve()
+    assert not budget.end_call()  # the call that ran out of memory does not count
+    assert budget.tokens == 250
+    assert [budget.end_call() for _ in range(3)] == [False, False, True]
+    assert budget.tokens == 500
+    budget.end_call()
+    budget.halve()  # a new OOM starts the stretch again
+    budget.end_call()
+    assert [budget.end_call() for _ in range(3)] == [False, False, True]
+    assert budget.tokens == 500
+    for _ in range(3):
+        budget.end_call()
+    assert budget.tokens == budget.configured == 1000
+    assert not any(budget.end_call() for _ in range(10))  # never past the configured one
+
+
 def test_budget_starts_at_least_at_its_floor() -> None:
     assert TokenBudget(10).tokens == MIN_BATCH_TOKENS
     assert TokenBudget(10, floor=16).tokens == 16

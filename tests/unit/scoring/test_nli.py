@@ -21,7 +21,8 @@ from transformers import (
 from tests.support.models import LABEL_WORDS, generated_sentences
 from worker.config.settings import ModelSettings
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
-from worker.scoring.batching import PAD_MULTIPLE, plan_batches
+from worker.errors import DeviceError
+from worker.scoring.batching import PAD_MULTIPLE, RECOVER_AFTER_CLEAN_CALLS, plan_batches
 from worker.scoring.factory import build_scorer
 from worker.scoring.nli import MIN_ROW_FILL, NliLabelIndices, NliScorer
 
@@ -469,3 +470,110 @@ def test_from_settings_loads_the_configured_model(tiny_two_class_dir: Path) -> N
 
     built = build_scorer(settings)
     assert isinstance(built, NliScorer) and built.info == info
+
+
+# -- the BART head without host synchronisations -------------------------------------------
+
+
+def test_bart_runs_its_base_and_head_apart_and_still_matches_the_pipeline(
+    tiny_bart_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = _load(tiny_bart_dir)
+    zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=cast(Any, tokenizer))
+    requests = _parity_requests()
+    expected = [_pipeline_outcome(zero_shot, request) for request in requests]
+
+    def data_dependent_forward(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the classification forward (eos mask, boolean indexing) ran")
+
+    # The scorer must not go through BartForSequenceClassification.forward at all, and it
+    # hands the base model ready 4D masks (no content check of a 2D mask in transformers).
+    monkeypatch.setattr(type(model), "forward", data_dependent_forward)
+    mask_ranks: set[int] = set()
+
+    def record_masks(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        mask_ranks.update(
+            kwargs[name].ndim for name in ("attention_mask", "decoder_attention_mask")
+        )
+
+    model.model.register_forward_pre_hook(record_masks, with_kwargs=True)
+    outcomes = _scores(NliScorer(model, tokenizer, max_batch_tokens=256).score(requests))
+    assert mask_ranks == {4}
+    for got, (labels, scores) in zip(outcomes, expected, strict=True):
+        assert list(got.labels) == labels
+        assert max(abs(a - b) for a, b in zip(got.scores, scores, strict=True)) <= TOLERANCE
+
+
+def test_a_text_containing_the_eos_token_scores_as_the_pipeline_scores_it(
+    tiny_bart_dir: Path,
+) -> None:
+    model, tokenizer = _load(tiny_bart_dir)
+    eos = str(tokenizer.eos_token)
+    first, second = generated_sentences(2, seed=71)
+    text, other = f"{first} {eos} {second}", f"{first} and {second}"  # about as long
+    zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=cast(Any, tokenizer))
+    labels, scores = _pipeline_outcome(zero_shot, ScoreRequest(text, LABELS, True, TEMPLATE))
+    # In one batch with a text without </s>, the per-row eos counts differ: the transformers
+    # head refuses such a batch ("same number of <eos> tokens"); the gather does not care.
+    requests = [
+        ScoreRequest(text, LABELS, True, TEMPLATE),
+        ScoreRequest(other, LABELS, True, TEMPLATE),
+    ]
+    scorer = NliScorer(model, tokenizer)
+    pairs = scorer._encode(requests).pairs
+    planned = scorer._plan(list(range(len(pairs))), pairs)
+    assert any({row // len(LABELS) for row in rows} == {0, 1} for rows in planned)  # mixed
+    passes: list[int] = []
+    model.model.register_forward_hook(lambda *_: passes.append(1))
+    got = _scores(scorer.score(requests))[0]
+    assert len(passes) == len(planned)  # no failed pass, no bisection
+    assert list(got.labels) == labels
+    assert max(abs(a - b) for a, b in zip(got.scores, scores, strict=True)) <= TOLERANCE
+
+
+# -- device failures -------------------------------------------------------------------------
+
+
+class StickyFailure(RecordingModel):
+    """A device whose context a kernel poisoned: every forward fails the same way."""
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        self.batches.append(inputs)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_a_sticky_cuda_error_stops_scoring_instead_of_failing_event_by_event(
+    tiny_deberta_dir: Path,
+) -> None:
+    model, tokenizer = _load(tiny_deberta_dir)
+    failing = StickyFailure(model)
+    scorer = NliScorer(failing, tokenizer)
+    requests = [ScoreRequest(t, LABELS, True, TEMPLATE) for t in generated_sentences(4, seed=81)]
+    with pytest.raises(DeviceError, match="device-side assert"):
+        scorer.score(requests)
+    assert len(failing.batches) == 1  # no bisection: one failure says the device is gone
+
+
+def test_a_stored_out_of_memory_error_does_not_pin_the_failed_pass(tiny_deberta_dir: Path) -> None:
+    model, tokenizer = _load(tiny_deberta_dir)
+    # Even one pair runs out of memory: the event fails, with the error kept for its outcome.
+    recorder = RecordingModel(model, oom_above_tokens=1, oom_once=False)
+    scorer = NliScorer(recorder, tokenizer, max_batch_tokens=64)
+    results = scorer._run(
+        scorer._encode([ScoreRequest("a short text", ("sports",), True, TEMPLATE)]).pairs
+    )
+    (stored,) = results.failures.values()
+    assert isinstance(stored, torch.cuda.OutOfMemoryError)
+    assert stored.__traceback__ is None and stored.__context__ is None
+
+
+def test_the_halved_budget_recovers_after_a_stretch_without_oom(tiny_deberta_dir: Path) -> None:
+    model, tokenizer = _load(tiny_deberta_dir)
+    recorder = RecordingModel(model, oom_above_tokens=256)  # one OOM, then a healthy device
+    scorer = NliScorer(recorder, tokenizer, max_batch_tokens=1024)
+    requests = [ScoreRequest(t, LABELS, True, TEMPLATE) for t in generated_sentences(12, seed=91)]
+    scorer.score(requests)
+    assert scorer.max_batch_tokens == 512
+    for _ in range(RECOVER_AFTER_CLEAN_CALLS):
+        scorer.score(requests[:1])
+    assert scorer.max_batch_tokens == 1024
