@@ -173,7 +173,8 @@ def test_a_second_signal_exits_1_at_once(harness: Harness) -> None:
     output = worker.output()
     assert "second SIGINT" in output
     assert "worker stopped" not in output
-    assert pipeline.ledger().committed() == {(pipeline.input_topic, 0): None}
+    # Nothing past where the fetch started (the first commit of an assignment stores that).
+    assert pipeline.ledger().committed()[(pipeline.input_topic, 0)] in (None, 0)
 
 
 # -- rebalances ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tests.support.kafka_fixtures import unique_name
 
@@ -31,6 +31,17 @@ READ_DEADLINE_S: Final = 60.0
 # How often wait_until_clean looks again.
 RECHECK_INTERVAL_S: Final = 0.5
 WATERMARK_TIMEOUT_S: Final = 10.0
+# Right after a broker restart the group coordinator is still loading: the question of the
+# committed offsets is asked again for this long before the answer counts as an error.
+COORDINATOR_SETTLE_S: Final = 30.0
+COORDINATOR_RETRY_S: Final = 0.5
+_COORDINATOR_MOVING: Final = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -216,7 +227,7 @@ class Ledger:
             partitions = [
                 tp for topic in self.input_topics for tp in self._partitions(consumer, topic)
             ]
-            result = consumer.committed(partitions, timeout=WATERMARK_TIMEOUT_S)
+            result = _committed(consumer, partitions)
             return {
                 (tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in result
             }
@@ -279,3 +290,16 @@ def count_by_stage(report: LedgerReport) -> Counter[str]:
         for records in report.dead_letters.values()
         for record in records
     )
+
+
+def _committed(consumer: Consumer, partitions: list[TopicPartition]) -> list[TopicPartition]:
+    """``consumer.committed``, asked again while the group coordinator moves or loads."""
+    deadline = time.monotonic() + COORDINATOR_SETTLE_S
+    while True:
+        try:
+            return list(consumer.committed(partitions, timeout=WATERMARK_TIMEOUT_S))
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() not in _COORDINATOR_MOVING or time.monotonic() >= deadline:
+                raise
+        time.sleep(COORDINATOR_RETRY_S)

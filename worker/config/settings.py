@@ -138,7 +138,16 @@ DEFAULT_REVOKE_TIMEOUT_MS = 10_000
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 # Extra librdkafka settings that would break the at-least-once guarantee.
-PROTECTED_CONSUMER_KEYS = frozenset({"enable.auto.commit", "enable.auto.offset.store"})
+PROTECTED_CONSUMER_KEYS = frozenset(
+    {
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        # Set from TAGSTREAM_ASSIGNMENT_STRATEGY / TAGSTREAM_GROUP_PROTOCOL: the rebalance
+        # callbacks assign incrementally or eagerly to match them.
+        "partition.assignment.strategy",
+        "group.protocol",
+    }
+)
 PROTECTED_PRODUCER_KEYS = frozenset({"enable.idempotence", "acks", "request.required.acks"})
 
 KafkaValue = str | int | float | bool

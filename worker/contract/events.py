@@ -6,6 +6,8 @@ passed as pydantic validation context, so one model serves every configuration.
 
 from __future__ import annotations
 
+import functools
+import string
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
@@ -24,6 +26,11 @@ DEFAULT_MAX_TEXT_CHARS = 100_000
 # The NLI cost grows linearly with labels; 100 keeps one event under a few batches.
 DEFAULT_MAX_LABELS = 100
 TEMPLATE_PLACEHOLDER = "{}"
+# A hypothesis is one short sentence; 500 characters leave room for any real one, and bound
+# what every label of every event multiplies.
+MAX_TEMPLATE_CHARS = 500
+# Distinct templates parsed and remembered: a worker sees a handful, a hostile stream many.
+TEMPLATE_CACHE_SIZE = 1024
 
 
 def _limit(info: ValidationInfo, key: str, default: int) -> int:
@@ -33,10 +40,50 @@ def _limit(info: ValidationInfo, key: str, default: int) -> int:
     return default
 
 
+def template_parts(template: str) -> tuple[str, str]:
+    """The text before and after the label slot of a hypothesis template.
+
+    A template is accepted only with exactly one replacement field that has no name, no
+    conversion and no format spec (``"{}"``; ``{{`` and ``}}`` stand for braces), and at
+    most ``MAX_TEMPLATE_CHARS`` characters: ``str.format`` on anything else would read
+    attributes (``{.__class__}``) or build a string as large as a format spec asks
+    (``{:>1000000000}``). Raises ``ValueError``.
+    """
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(
+            f"hypothesis_template is longer than {MAX_TEMPLATE_CHARS} characters ({len(template)})"
+        )
+    return _template_parts(template)
+
+
+@functools.lru_cache(maxsize=TEMPLATE_CACHE_SIZE)
+def _template_parts(template: str) -> tuple[str, str]:
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as exc:  # a lone "{" or "}"
+        raise ValueError(f"hypothesis_template is not a valid template: {exc}") from None
+    fields = [piece for piece in pieces if piece[1] is not None]
+    if len(fields) != 1 or fields[0] != (fields[0][0], "", "", None):
+        raise ValueError(
+            "hypothesis_template must contain '{}' exactly once, with nothing inside the braces"
+        )
+    slot = pieces.index(fields[0])
+    before = "".join(text for text, *_ in pieces[: slot + 1])
+    after = "".join(text for text, *_ in pieces[slot + 1 :])
+    return before, after
+
+
+def render_hypothesis(template: str, label: str) -> str:
+    """The hypothesis of one label: ``template.format(label)`` for an accepted template,
+    without ``str.format``. Raises ``ValueError`` for a template :func:`template_parts`
+    refuses."""
+    before, after = template_parts(template)
+    return f"{before}{label}{after}"
+
+
 def check_template(template: str) -> str:
-    """A hypothesis template must contain ``{}`` exactly once."""
-    if template.count(TEMPLATE_PLACEHOLDER) != 1:
-        raise ValueError("hypothesis_template must contain '{}' exactly once")
+    """A hypothesis template must hold one bare ``{}`` (see :func:`template_parts`)."""
+    template_parts(template)
     return template
 
 

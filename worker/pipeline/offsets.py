@@ -43,13 +43,15 @@ class PartitionOffsets:
         return len(self._waiting)
 
     def receive(self, offset: int) -> bool:
-        """Record a consumed offset; ``False`` (ignore the record) if it is not new."""
+        """Record a consumed offset; ``False`` (ignore the record) if it is not new.
+
+        The first offset of an assignment is not taken for a committed one: where the fetch
+        started may be a reset (``auto_offset_reset=latest``) the group never stored, and a
+        crash before anything is done would then send the next owner to the log end again,
+        past these records. So the first commit of an assignment stores at least its start.
+        """
         if self._last_received is not None and offset <= self._last_received:
             return False
-        if self._last_received is None and self.committed is None:
-            # The fetch of a fresh assignment starts at the group's position: no need to
-            # commit it again before something is done.
-            self.committed = offset
         self._order.append(offset)
         self._waiting.add(offset)
         self._last_received = offset

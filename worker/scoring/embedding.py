@@ -30,6 +30,7 @@ from tokenizers import Encoding, Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
 from worker.config.settings import DEFAULT_MODEL, ModelSettings
+from worker.contract.events import render_hypothesis
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
 from worker.errors import DeviceError, EmbeddingModelError
 from worker.scoring.batching import TokenBudget, estimated_tokens, padded_length, plan_batches
@@ -166,13 +167,7 @@ def similarity_scores(cosines: torch.Tensor, multi_label: bool) -> torch.Tensor:
 def _hypotheses(request: ScoreRequest) -> tuple[str, ...]:
     if not request.labels:
         raise ValueError("labels must not be empty")
-    try:
-        return tuple(request.hypothesis_template.format(label) for label in request.labels)
-    except (KeyError, IndexError, ValueError) as exc:  # e.g. "{} {name}": a stray field
-        raise ValueError(
-            f"hypothesis_template {request.hypothesis_template!r} cannot take a label: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    return tuple(render_hypothesis(request.hypothesis_template, label) for label in request.labels)
 
 
 class EmbeddingScorer:

@@ -42,6 +42,7 @@ import transformers
 from transformers import PreTrainedTokenizerBase
 
 from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+from worker.contract.events import render_hypothesis
 from worker.contract.scorer import (
     LabelScores,
     ModelInfo,
@@ -239,12 +240,7 @@ def _hypotheses(request: ScoreRequest) -> list[str]:
     """``template.format(label)`` per label, refusing what the pipeline refuses."""
     if not request.labels:
         raise ValueError("at least one label is needed")
-    hypotheses = [request.hypothesis_template.format(label) for label in request.labels]
-    if hypotheses[0] == request.hypothesis_template:
-        raise ValueError(
-            f"hypothesis_template {request.hypothesis_template!r} has no '{{}}' for the label"
-        )
-    return hypotheses
+    return [render_hypothesis(request.hypothesis_template, label) for label in request.labels]
 
 
 def _softmax(values: Sequence[float]) -> list[float]:

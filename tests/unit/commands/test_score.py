@@ -100,7 +100,8 @@ def test_embedding_scores_valid_lines_and_reports_the_others(tmp_path: Path) -> 
     assert "line 5: validate: text: Field required" in text
     assert "line 6: deserialize: value is not valid UTF-8" in text
     assert "line 7: deserialize: value is an array, expected a JSON object" in text
-    assert "line 8: score: ValueError: hypothesis_template" in text
+    # A template the contract refuses never reaches the scorer.
+    assert "line 8: validate: hypothesis_template" in text
     assert "5 line(s) not scored" in result.stderr.decode()
 
 

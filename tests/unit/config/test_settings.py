@@ -196,6 +196,11 @@ def test_a_missing_output_topic_is_named() -> None:
         ({"security_protocol": "TLS"}, "TAGSTREAM_SECURITY_PROTOCOL"),
         ({"input_topic_regex": "news-(", "input_topics": ""}, "TAGSTREAM_INPUT_TOPIC_REGEX"),
         ({"consumer_config": '{"enable.auto.commit": true}'}, "TAGSTREAM_CONSUMER_CONFIG"),
+        (
+            {"consumer_config": '{"partition.assignment.strategy": "range"}'},
+            "partition.assignment.strategy",
+        ),
+        ({"consumer_config": '{"group.protocol": "consumer"}'}, "group.protocol"),
         ({"producer_config": '{"acks": "1"}'}, "TAGSTREAM_PRODUCER_CONFIG"),
     ],
 )

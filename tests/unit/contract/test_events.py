@@ -18,10 +18,12 @@ from worker.contract.codec import decode_input
 from worker.contract.events import (
     DEFAULT_MAX_LABELS,
     DEFAULT_MAX_TEXT_CHARS,
+    MAX_TEMPLATE_CHARS,
     InputEvent,
     ModelRef,
     ScoredEvent,
     Source,
+    render_hypothesis,
 )
 from worker.errors import DeserializeError, EventError, ValidateError
 
@@ -113,6 +115,33 @@ def test_objects_breaking_the_contract_fail_at_validate(
     assert message.startswith(f"{field}: "), message
     assert reason in message
     assert caught.value.fields == (field.partition("[")[0],)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        pytest.param("{:>1000000000}{{}}", id="format-spec-padding"),
+        pytest.param("{.__class__.__mro__}{{}}", id="attribute-access"),
+        pytest.param("{0}", id="positional-index"),
+        pytest.param("{name}", id="named-field"),
+        pytest.param("{!r}", id="conversion"),
+        pytest.param("{}{{}}{:x}", id="second-field-with-spec"),
+        pytest.param("about { sports", id="lone-brace"),
+        pytest.param("{}" + "x" * MAX_TEMPLATE_CHARS, id="too-long"),
+    ],
+)
+def test_hostile_templates_are_refused_at_validate_before_any_formatting(template: str) -> None:
+    with pytest.raises(ValidateError) as caught:
+        decode_input(_json({"text": "a", "hypothesis_template": template}), SETTINGS)
+    assert caught.value.fields == ("hypothesis_template",)
+    assert len(str(caught.value)) < 1000  # the message does not echo the template
+
+
+@pytest.mark.parametrize(
+    "template", ["This example is {}.", "{{braces}} and {}", "{} first", "{}", "x {} {{y}}"]
+)
+def test_an_accepted_template_renders_as_str_format_would(template: str) -> None:
+    assert render_hypothesis(template, "sports") == template.format("sports")
 
 
 def test_validate_error_names_every_broken_field_without_echoing_input() -> None:

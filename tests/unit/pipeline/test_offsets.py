@@ -84,7 +84,9 @@ def test_truncating_forgets_the_tail_that_will_not_be_processed() -> None:
 
 def test_commit_due_only_when_the_position_moved() -> None:
     state = _received(0, 1)
-    assert state.commit_due() is None  # the group's position already: nothing to commit
+    assert state.commit_due() == 0  # where the fetch started: committed even before any ack
+    state.committed = 0
+    assert state.commit_due() is None
     state.mark_done(0)
     assert state.commit_due() == 1
     state.committed = 1
@@ -105,7 +107,9 @@ def test_the_tracker_commits_only_moved_partitions() -> None:
     second = tracker.get(("news", 1))
     assert first is not None and second is not None
     first.mark_done(0)
-    second.mark_done(1)  # out of order: news[1] cannot move yet
+    second.mark_done(1)  # out of order: news[1] cannot move past its start yet
+    assert tracker.commits_due() == {("news", 0): 1, ("news", 1): 0, ("sport", 0): 0}
+    tracker.mark_committed({("news", 1): 0, ("sport", 0): 0})
     assert tracker.commits_due() == {("news", 0): 1}
     assert tracker.pending(tracker.keys) == 4
     tracker.mark_committed({("news", 0): 1})

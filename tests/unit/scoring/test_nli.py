@@ -386,7 +386,7 @@ def test_encoding_errors_fail_only_their_event(tiny_bart_dir: Path) -> None:
             ScoreRequest(text, ("sports", "music"), False, "No placeholder."),
         ]
     )
-    assert isinstance(outcomes[0], ScoreError) and outcomes[0].error_class == "KeyError"
+    assert isinstance(outcomes[0], ScoreError) and outcomes[0].error_class == "ValueError"
     assert isinstance(outcomes[1], ScoreError)
     assert outcomes[1].error_class == "HypothesisTooLongError"
     assert "128" in outcomes[1].message
