@@ -81,3 +81,18 @@ bench-latency: bench-setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: gpu-bundle gpu-image-check bench-gpu-dry
+PYTHON312 ?=
+
+## gpu-bundle: into .whl/, the wheels bench/gpu.py needs on the GPU machine (CPython 3.12) and its image lacks
+gpu-bundle: setup
+	$(PY) -m bench.gpu_bundle
+
+## gpu-image-check: bench/gpu-run.sh --dry-run in a venv holding only the torch stack and the bundle (~1 min)
+gpu-image-check: gpu-bundle
+	$(PY) -m bench.gpu_image_check $(if $(PYTHON312),--python312 $(PYTHON312))
+
+## bench-gpu-dry: bench/gpu.py on the CPU with a tiny model, to check it before a GPU run (~1 min)
+bench-gpu-dry: setup
+	$(PY) -m bench.gpu --dry-run --out bench/results/gpu-dry-run
