@@ -86,8 +86,9 @@ compose_command() {
     return 0
   fi
   if ! command -v docker-compose >/dev/null; then
-    log "installing Debian's docker-compose (its 'config' needs no engine)"
-    apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null
+    # To stderr: this function's stdout is the command it names.
+    log "installing Debian's docker-compose (its 'config' needs no engine)" >&2
+    apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null 2>&1
   fi
   echo "docker-compose"
 }

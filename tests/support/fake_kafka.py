@@ -47,6 +47,8 @@ class FakeConsumer:
     # Errors the next synchronous commits return, in order; then they succeed.
     sync_errors: deque[ClientError] = field(default_factory=deque)
     commits: list[tuple[str, dict[PartitionKey, int]]] = field(default_factory=list)
+    # Asynchronous commits whose answer never comes (a broker that dropped the request).
+    lose_async_results: bool = False
     closed: bool = False
 
     # -- ConsumerClient ---------------------------------------------------------------------
@@ -76,7 +78,8 @@ class FakeConsumer:
 
     def commit_async(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
         self.commits.append(("async", dict(positions)))
-        self.on_commit(None, [(key, offset, None) for key, offset in positions.items()])
+        if not self.lose_async_results:
+            self.on_commit(None, [(key, offset, None) for key, offset in positions.items()])
         return None
 
     def commit_sync(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
@@ -142,6 +145,8 @@ class FakeProducer:
 
     on_error: ClientErrorHook
     auto_ack: bool = True
+    # Topics whose records the "broker" refuses, with the error it reports.
+    refuse: dict[str, ClientError] = field(default_factory=dict)
     in_flight: list[Sent] = field(default_factory=list)
     written: list[Sent] = field(default_factory=list)
     closed: bool = False
@@ -170,8 +175,10 @@ class FakeProducer:
     def ack_all(self) -> None:
         sent, self.in_flight = self.in_flight, []
         for item in sent:
-            self.written.append(item)
-            item.report(None)
+            refusal = self.refuse.get(item.topic)
+            if refusal is None:
+                self.written.append(item)
+            item.report(refusal)
 
 
 @dataclass

@@ -16,7 +16,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.contract.events import (
     DEFAULT_HYPOTHESIS_TEMPLATE,
+    DEFAULT_MAX_LABEL_CHARS,
     DEFAULT_MAX_LABELS,
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_DEPTH,
     DEFAULT_MAX_TEXT_CHARS,
     check_labels,
     check_template,
@@ -90,6 +93,15 @@ class TaggingSettings(_Base):
     include_nli_probs: bool = False
     max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
     max_labels: int = Field(default=DEFAULT_MAX_LABELS, ge=1)
+    max_label_chars: int = Field(
+        default=DEFAULT_MAX_LABEL_CHARS, ge=1, description="Longest label an event may give."
+    )
+    max_metadata_bytes: int = Field(
+        default=DEFAULT_MAX_METADATA_BYTES, ge=2, description="Largest metadata, as JSON."
+    )
+    max_metadata_depth: int = Field(
+        default=DEFAULT_MAX_METADATA_DEPTH, ge=1, description="Deepest metadata nesting."
+    )
 
     @field_validator("labels", mode="before")
     @classmethod

@@ -60,6 +60,15 @@ class TaggingOptions(Protocol):
     @property
     def max_labels(self) -> int: ...
 
+    @property
+    def max_label_chars(self) -> int: ...
+
+    @property
+    def max_metadata_bytes(self) -> int: ...
+
+    @property
+    def max_metadata_depth(self) -> int: ...
+
 
 def _clip(message: str) -> str:
     if len(message) <= MAX_ERROR_MESSAGE_CHARS:
@@ -119,7 +128,13 @@ def validation_context(tagging: TaggingOptions) -> dict[str, int]:
     cached = _contexts.get(id(tagging))
     if cached is not None and cached[0] is tagging:
         return cached[1]
-    context = {"max_text_chars": tagging.max_text_chars, "max_labels": tagging.max_labels}
+    context = {
+        "max_text_chars": tagging.max_text_chars,
+        "max_labels": tagging.max_labels,
+        "max_label_chars": tagging.max_label_chars,
+        "max_metadata_bytes": tagging.max_metadata_bytes,
+        "max_metadata_depth": tagging.max_metadata_depth,
+    }
     if len(_contexts) >= _CONTEXT_CACHE_LIMIT:
         _contexts.clear()
     _contexts[id(tagging)] = (tagging, context)

@@ -11,6 +11,7 @@ import string
 from datetime import datetime
 from typing import Annotated, Any, Protocol
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +26,13 @@ DEFAULT_HYPOTHESIS_TEMPLATE = "This example is {}."
 DEFAULT_MAX_TEXT_CHARS = 100_000
 # The NLI cost grows linearly with labels; 100 keeps one event under a few batches.
 DEFAULT_MAX_LABELS = 100
+# A label is a word or a short phrase; 200 characters bound what each adds to every pair.
+DEFAULT_MAX_LABEL_CHARS = 200
+# Metadata rides along into the scored event: 64 KiB keeps that record far below Kafka's
+# default 1 MB limit whatever else it carries.
+DEFAULT_MAX_METADATA_BYTES = 65_536
+# Deeper metadata is almost always a mistake; 16 levels bound every walk over it.
+DEFAULT_MAX_METADATA_DEPTH = 16
 TEMPLATE_PLACEHOLDER = "{}"
 # A hypothesis is one short sentence; 500 characters leave room for any real one, and bound
 # what every label of every event multiplies.
@@ -87,12 +95,34 @@ def check_template(template: str) -> str:
     return template
 
 
-def check_labels(labels: list[str], max_labels: int) -> list[str]:
-    """Labels must be non-blank, unique and at most ``max_labels``."""
+def _depth(value: Any, stop_past: int) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), counting no further
+    than ``stop_past + 1``; iterative, so no input can exhaust the stack."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > stop_past:
+                return level
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def check_labels(
+    labels: list[str], max_labels: int, max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
+) -> list[str]:
+    """Labels must be non-blank, unique, at most ``max_labels`` of at most
+    ``max_label_chars`` characters each."""
     if not labels:
         raise ValueError("labels must not be empty")
     if len(labels) > max_labels:
         raise ValueError(f"at most {max_labels} labels are allowed, got {len(labels)}")
+    longest = max(len(label) for label in labels)
+    if longest > max_label_chars:
+        raise ValueError(f"a label is longer than max_label_chars={max_label_chars} ({longest})")
     if any(not label.strip() for label in labels):
         raise ValueError("labels must not be blank")
     if len(set(labels)) != len(labels):
@@ -135,7 +165,28 @@ class InputEvent(BaseModel):
     def _labels(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is None:
             return None
-        return check_labels(value, _limit(info, "max_labels", DEFAULT_MAX_LABELS))
+        return check_labels(
+            value,
+            _limit(info, "max_labels", DEFAULT_MAX_LABELS),
+            _limit(info, "max_label_chars", DEFAULT_MAX_LABEL_CHARS),
+        )
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        depth_limit = _limit(info, "max_metadata_depth", DEFAULT_MAX_METADATA_DEPTH)
+        depth = _depth(value, depth_limit)
+        if depth > depth_limit:
+            raise ValueError(f"metadata is nested deeper than max_metadata_depth={depth_limit}")
+        size_limit = _limit(info, "max_metadata_bytes", DEFAULT_MAX_METADATA_BYTES)
+        size = len(orjson.dumps(value))
+        if size > size_limit:
+            raise ValueError(
+                f"metadata is larger than max_metadata_bytes={size_limit} ({size} bytes as JSON)"
+            )
+        return value
 
     @field_validator("hypothesis_template")
     @classmethod

@@ -20,6 +20,7 @@ class ErrorKind(enum.Enum):
 
     RETRIABLE = "retriable"  # back off and try again; never dead-letter
     TOO_LARGE = "too_large"  # the record can never be written to this topic
+    REJECTED = "rejected"  # the broker refuses this record for what it is, not for its size
     FATAL = "fatal"  # stop the worker, committing only what is done
 
 
@@ -70,14 +71,25 @@ _TRANSIENT_CODES: Final = frozenset(
 )
 
 
+# Per-record refusals: a null key on a compacted topic (INVALID_RECORD), a corrupt record
+# (CORRUPT_MESSAGE, librdkafka's INVALID_MSG), a broker-side policy. Sending it again gives
+# the same answer; the record, not the worker, is the problem.
+_REJECTED_CODES: Final = frozenset(
+    {KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG, KafkaError.POLICY_VIOLATION}
+)
+
+
 def classify(error: KafkaError) -> ErrorKind:
-    """Retriable, too large, or fatal. Unknown permanent errors count as fatal: retrying
-    them forever would stall the partition, dead-lettering them could drop good events."""
+    """Retriable, too large, rejected, or fatal. Unknown permanent errors count as fatal:
+    retrying them forever would stall the partition, dead-lettering them could drop good
+    events."""
     code = error.code()
     if error.fatal() or code in _FATAL_CODES:
         return ErrorKind.FATAL
     if code in _TOO_LARGE_CODES:
         return ErrorKind.TOO_LARGE
+    if code in _REJECTED_CODES:
+        return ErrorKind.REJECTED
     if error.retriable() or code in _TRANSIENT_CODES:
         return ErrorKind.RETRIABLE
     return ErrorKind.FATAL

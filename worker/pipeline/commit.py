@@ -11,10 +11,11 @@ stop), a commit is these steps, in this order:
 
 The periodic commit (:meth:`Committer.commit_if_due`) takes steps 1 and 2 as they come:
 the producer sends continuously and the main loop serves delivery callbacks on every turn,
-so only step 3 is left, asynchronously. A revoke, a shutdown or a fatal stop settles the
-partitions synchronously (:meth:`Committer.settle`): it waits, bounded in time, for steps
-1 and 2, then commits and waits for the broker's answer, retrying while a rebalance makes
-the broker refuse.
+so only step 3 is left, asynchronously. A position sent is not a position committed: only
+the broker's confirmation (:meth:`Committer.on_commit_result`) makes it one. A revoke, a
+shutdown or a fatal stop settles the partitions synchronously (:meth:`Committer.settle`):
+it waits, bounded in time, for steps 1 and 2, then commits whatever the broker has not
+confirmed and waits for the answer, retrying while a rebalance makes the broker refuse.
 
 Nothing is committed that is not acknowledged, so a crash at any point replays at most
 the uncommitted tail: duplicates, never loss.
@@ -88,8 +89,8 @@ class Committer:
         self._next_commit = self._clock() + self._interval_s
         positions = self._tracker.commits_due()
         if positions:
+            self._tracker.mark_sent(positions)
             self._intake.consumer.commit_async(positions)
-            self._tracker.mark_committed(positions)
 
     def settle(
         self,
@@ -126,7 +127,8 @@ class Committer:
         """Step 3, synchronously: commit the done offsets of ``keys``, retried until
         ``deadline`` (a rebalance or a coordinator move makes the broker refuse for a while)."""
         while True:
-            positions = self._tracker.commits_due(keys)
+            # Whatever the broker has not confirmed, an asynchronous commit on its way included.
+            positions = self._tracker.commits_due(keys, unconfirmed=True)
             if not positions:
                 return True
             error = self._intake.consumer.commit_sync(positions)
@@ -152,9 +154,9 @@ class Committer:
             log.warning("consumer failed while stopping", error=str(exc))
 
     def on_commit_result(self, error: ClientError | None, results: CommitOutcome) -> None:
-        """The broker's answer to a commit: a failed partition is committed again at the
-        next interval (its last committed position is forgotten)."""
-        failed = [(key, offset) for key, offset, part_error in results if part_error is not None]
+        """The broker's answer to a commit. Confirmed positions become the committed ones;
+        a failed partition is sent again at the next interval."""
+        failed = [key for key, _, part_error in results if part_error is not None]
         if error is not None or failed:
             name = error.name if error is not None else "partition error"
             # Expected while a rebalance is under way; anything else deserves attention.
@@ -162,12 +164,15 @@ class Committer:
             report = log.info if during_rebalance else log.warning
             report("commit failed, retried at the next interval", error=name)
             self._observer.commit_failed(name)
-            for key, _ in failed or [(key, offset) for key, offset, _ in results]:
-                state = self._tracker.get(key)
-                if state is not None:
-                    state.committed = None
-            return
-        if results:
+        for key, offset, part_error in results:
+            state = self._tracker.get(key)
+            if state is None:
+                continue
+            if error is None and part_error is None:
+                state.confirm(offset)
+            else:
+                state.sent = None
+        if error is None and results and not failed:
             self._observer.commit_done(len(results))
 
 

@@ -12,6 +12,9 @@ What happens to a record the broker did not take:
   a scored event that is too large on its own dead-letters its input (stage
   ``produce``); a dead-letter record that is too large stops the worker, because its
   offset can never be done;
+* rejected for what it is (a null key on a compacted topic, a corrupt record, a broker
+  policy): a scored event dead-letters its input at once (stage ``produce``); a rejected
+  dead-letter record stops the worker, as a too large one does;
 * anything else (authorization, fatal idempotent-producer state, unknown permanent
   errors): stops the worker, which then commits only what is done.
 
@@ -275,7 +278,10 @@ class ProducerStage:
             self._on_abandoned(record.origin)  # the next owner of the partition redoes it
         elif kind is ErrorKind.RETRIABLE:
             self._schedule_retry(record, error)
-        elif not record.solo:
+        elif kind is ErrorKind.REJECTED and record.kind == "output":
+            failure = Failure(Stage.PRODUCE, error.name, error.message, record.attempts)
+            self.dead_letter(record.origin, failure)
+        elif kind is ErrorKind.TOO_LARGE and not record.solo:
             record.solo = True
             self.send(record)
         elif record.kind == "output":

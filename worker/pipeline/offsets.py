@@ -25,12 +25,16 @@ from worker.kafka.records import InputRecord, PartitionKey
 class PartitionOffsets:
     """The received and done offsets of one partition during one assignment."""
 
-    __slots__ = ("_last_received", "_order", "_waiting", "active", "committed", "key")
+    __slots__ = ("_last_received", "_order", "_waiting", "active", "committed", "key", "sent")
 
     def __init__(self, key: PartitionKey) -> None:
         self.key = key
         self.active = True
+        # The last position the broker confirmed, and one sent but not yet confirmed:
+        # kept apart, so a revoke or a shutdown commits whatever the broker has not
+        # confirmed even when an asynchronous commit of it is still on its way (or lost).
         self.committed: int | None = None
+        self.sent: int | None = None
         # Received offsets from the first one not done yet, in arrival (= offset) order.
         self._order: deque[int] = deque()
         # The offsets in _order that are not done yet.
@@ -80,12 +84,21 @@ class PartitionOffsets:
             return self._order[0]
         return None if self._last_received is None else self._last_received + 1
 
-    def commit_due(self) -> int | None:
-        """The position, if it moved since the last commit."""
+    def commit_due(self, *, unconfirmed: bool = False) -> int | None:
+        """The position, if it differs from the last confirmed commit and (unless
+        ``unconfirmed``) from the commit already sent."""
         position = self.position()
         if position is None or position == self.committed:
             return None
+        if not unconfirmed and position == self.sent:
+            return None
         return position
+
+    def confirm(self, position: int) -> None:
+        """The broker stored ``position``."""
+        self.committed = position
+        if self.sent == position:
+            self.sent = None
 
 
 class OffsetTracker:
@@ -126,22 +139,33 @@ class OffsetTracker:
         """Offsets of these partitions still waiting for an acknowledgement."""
         return sum(state.pending for key in keys if (state := self._partitions.get(key)))
 
-    def commits_due(self, keys: Iterable[PartitionKey] | None = None) -> dict[PartitionKey, int]:
-        """Positions that moved since their last commit (all partitions, or ``keys``)."""
+    def commits_due(
+        self, keys: Iterable[PartitionKey] | None = None, *, unconfirmed: bool = False
+    ) -> dict[PartitionKey, int]:
+        """Positions that moved since their last commit (all partitions, or ``keys``);
+        with ``unconfirmed`` also those sent already but not confirmed by the broker."""
         chosen = self._partitions if keys is None else keys
         due: dict[PartitionKey, int] = {}
         for key in chosen:
             state = self._partitions.get(key)
-            position = state.commit_due() if state is not None else None
+            position = state.commit_due(unconfirmed=unconfirmed) if state is not None else None
             if position is not None:
                 due[key] = position
         return due
 
-    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+    def mark_sent(self, positions: dict[PartitionKey, int]) -> None:
+        """An asynchronous commit of ``positions`` is on its way."""
         for key, position in positions.items():
             state = self._partitions.get(key)
             if state is not None:
-                state.committed = position
+                state.sent = position
+
+    def mark_committed(self, positions: dict[PartitionKey, int]) -> None:
+        """The broker confirmed ``positions``."""
+        for key, position in positions.items():
+            state = self._partitions.get(key)
+            if state is not None:
+                state.confirm(position)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,14 @@ from worker.errors import DeserializeError, EventError, ValidateError
 SETTINGS = TaggingSettings(max_text_chars=50, max_labels=3)
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """An object ``levels`` deep: {"k": {"k": ... {}}}."""
+    obj: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        obj = {"k": obj}
+    return obj
+
+
 def _json(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
@@ -102,6 +110,21 @@ def test_values_that_are_not_json_objects_fail_at_deserialize(
         pytest.param({"text": "a", "multi_label": 1}, "multi_label", "valid boolean", id="bool-1"),
         pytest.param({"text": "a", "id": 12}, "id", "valid string", id="numeric-id"),
         pytest.param({"text": "a", "metadata": [1]}, "metadata", "valid dictionary", id="meta"),
+        pytest.param(
+            {"text": "a", "labels": ["a", "b" * 201]}, "labels", "max_label_chars=200", id="label"
+        ),
+        pytest.param(
+            {"text": "a", "metadata": {"k": "v" * 70_000}},
+            "metadata",
+            "max_metadata_bytes=65536",
+            id="metadata-blob",
+        ),
+        pytest.param(
+            {"text": "a", "metadata": _nested(17)},
+            "metadata",
+            "max_metadata_depth=16",
+            id="metadata-depth",
+        ),
     ],
 )
 def test_objects_breaking_the_contract_fail_at_validate(
@@ -247,3 +270,10 @@ def test_scored_event_accepts_probabilities() -> None:
 def test_scored_event_rejects_scores_outside_zero_one(bad: float) -> None:
     with pytest.raises(ValidationError, match="scores"):
         ScoredEvent(**_scored(scores=[bad, 0.1]))
+
+
+def test_metadata_at_the_limits_is_accepted() -> None:
+    event = decode_input(_json({"text": "a", "metadata": _nested(16)}), SETTINGS)
+    assert event.metadata == _nested(16)
+    roomy = TaggingSettings(max_metadata_depth=40, max_metadata_bytes=200_000)
+    assert decode_input(_json({"text": "a", "metadata": _nested(30)}), roomy).metadata

@@ -21,7 +21,10 @@ from worker.kafka.errors import ErrorKind, classify, client_error, delivery_erro
         (KafkaError.TOPIC_AUTHORIZATION_FAILED, ErrorKind.FATAL),
         (KafkaError.SASL_AUTHENTICATION_FAILED, ErrorKind.FATAL),
         (KafkaError._FATAL, ErrorKind.FATAL),
-        (KafkaError.INVALID_RECORD, ErrorKind.FATAL),
+        (KafkaError.INVALID_RECORD, ErrorKind.REJECTED),
+        (KafkaError.INVALID_MSG, ErrorKind.REJECTED),
+        (KafkaError.POLICY_VIOLATION, ErrorKind.REJECTED),
+        (KafkaError.UNSUPPORTED_VERSION, ErrorKind.FATAL),
     ],
 )
 def test_error_classification(code: int, kind: ErrorKind) -> None:
@@ -40,8 +43,8 @@ def test_a_delivery_error_is_classified_and_keeps_the_client_s_words() -> None:
 
 def test_a_client_error_is_fatal_only_when_the_client_says_so() -> None:
     # Unknown permanent errors are fatal for a record's delivery, not for the client.
-    assert delivery_error(KafkaError(KafkaError.INVALID_RECORD)).fatal
-    assert not client_error(KafkaError(KafkaError.INVALID_RECORD)).fatal
+    assert delivery_error(KafkaError(KafkaError.UNSUPPORTED_VERSION)).fatal
+    assert not client_error(KafkaError(KafkaError.UNSUPPORTED_VERSION)).fatal
     assert client_error(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)).fatal
 
 

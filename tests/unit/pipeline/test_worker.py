@@ -15,6 +15,7 @@ from typing import Final
 import orjson
 import pytest
 import structlog
+from confluent_kafka import KafkaError
 
 from tests.support.fake_kafka import FakeClients, rebalance_in_progress, record
 from tests.support.scorers import FakeScorer
@@ -22,6 +23,7 @@ from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
 from worker.contract.deadletter import HEADER_STAGE, WorkerIdentity
 from worker.exit_codes import EXIT_OK
+from worker.kafka.errors import delivery_error
 from worker.kafka.records import PartitionKey
 from worker.pipeline.worker import Worker
 
@@ -189,3 +191,36 @@ def test_a_partition_assigned_while_paused_starts_paused(
     assert clients.input.paused == {P0, P1}
     worker.intake.resume()
     assert clients.input.paused == set()
+
+
+def test_an_output_the_broker_rejects_for_what_it_is_dead_letters_its_input(
+    worker: Worker, clients: FakeClients
+) -> None:
+    # A null key on a compacted output topic: INVALID_RECORD, the same answer every time.
+    clients.producer.refuse["news.tagged"] = delivery_error(KafkaError(KafkaError.INVALID_RECORD))
+    clients.producer.auto_ack = True
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 2))
+    _step_until(worker, lambda: clients.input.committed(P0) == 2)
+    assert worker.producer.fatal is None
+    dead = [sent for sent in clients.producer.written if sent.topic == "news.tagged.dlq"]
+    assert len(dead) == 2
+    headers = dict(dead[0].headers)
+    assert (headers[HEADER_STAGE], headers["tagstream.error.class"]) == (
+        b"produce",
+        b"INVALID_RECORD",
+    )
+
+
+def test_a_revoke_commits_what_an_unanswered_asynchronous_commit_only_sent(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.producer.auto_ack = True
+    clients.input.lose_async_results = True
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 3))
+    _step_until(worker, lambda: ("async", {P0: 3}) in clients.input.commits)
+    clients.input.revoke([P0])
+    worker.step()
+    # Sent is not confirmed: the revoke commits position 3 and waits for the answer.
+    assert clients.input.commits[-1] == ("sync", {P0: 3})
