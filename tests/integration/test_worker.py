@@ -6,6 +6,7 @@ a test says otherwise; the ledger (tests/support/ledger.py) is the verdict.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,6 @@ from tests.support.worker_process import (
     good_event,
     harness_fixture,
 )
-from worker.exit_codes import EXIT_FATAL
 
 
 @pytest.fixture
@@ -286,23 +286,54 @@ def test_an_output_too_large_for_the_topic_dead_letters_its_input(
     _assert_scored(report)
 
 
-def test_a_dead_letter_that_cannot_be_written_stops_the_worker_uncommitted(
+def test_a_dead_letter_too_large_for_its_topic_is_written_as_a_bounded_stub(
     harness: Harness,
 ) -> None:
     # A dead-letter topic whose limit the invalid record below cannot meet.
     pipeline = harness.pipeline(partitions=1, dead_letter_config={"max.message.bytes": "1024"})
     events = [good_event(i) for i in range(20)]
-    events[10] = (b"huge", b"z" * 4000)  # not JSON: dead-lettered, but too large for it
+    huge = b"z" * 4000
+    events[10] = (b"huge", huge)  # not JSON: dead-lettered, but too large for the topic
     pipeline.produce(harness.producer(), events)
 
     worker = harness.start(pipeline.env())
-    assert worker.wait() == EXIT_FATAL, worker.output()
+    report = pipeline.ledger().wait_until_complete(COMPLETE_TIMEOUT_S)
+    harness.stop_all()
 
-    report = pipeline.ledger().check()
-    assert report.committed == {(pipeline.input_topic, 0): 10}
-    assert not report.dead_letters
-    assert {offset for _, _, offset in report.outputs} >= set(range(10))
-    assert "cannot be written" in worker.output()
+    assert worker.wait() == 0, worker.output()
+    assert report.clean, report.describe()
+    assert list(report.dead_letters) == [(pipeline.input_topic, 0, 10)]
+    stub = _only(report.dead_letters[(pipeline.input_topic, 0, 10)])
+    assert stub.key == b"huge" and stub.value is None
+    assert stub.header("tagstream.error.stage") == "deserialize"
+    assert stub.header("tagstream.value.truncated") == "true"
+    assert stub.header("tagstream.value.size") == str(len(huge))
+    assert stub.header("tagstream.value.sha256") == hashlib.sha256(huge).hexdigest()
+    assert len(report.outputs) == 19
+    output = worker.output()
+    assert "writing a stub without the value" in output
+    assert "dead-letter topic record size limit" in output and "1024" in output
+
+
+def test_a_null_key_output_to_a_compacted_topic_dead_letters_its_input(
+    harness: Harness,
+) -> None:
+    pipeline = harness.pipeline(partitions=1, output_config={"cleanup.policy": "compact"})
+    events: list[tuple[bytes | None, bytes]] = [good_event(i) for i in range(20)]
+    events[5] = (None, events[5][1])  # no key: the compacted output topic refuses it
+    pipeline.produce(harness.producer(), events)
+
+    worker = harness.start(pipeline.env())
+    report = pipeline.ledger().wait_until_complete(COMPLETE_TIMEOUT_S)
+    harness.stop_all()
+
+    assert report.clean, report.describe()
+    assert list(report.dead_letters) == [(pipeline.input_topic, 0, 5)]
+    record = _only(report.dead_letters[(pipeline.input_topic, 0, 5)])
+    assert record.header("tagstream.error.stage") == "produce"
+    assert record.header("tagstream.error.class") == "INVALID_RECORD"
+    assert len(report.outputs) == 19
+    assert "output topic is compacted" in worker.output()
 
 
 def test_a_topic_regex_subscription(harness: Harness) -> None:

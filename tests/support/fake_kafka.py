@@ -188,6 +188,8 @@ class FakeClients:
     auto_ack: bool = True
     consumer: FakeConsumer | None = None
     producers: list[FakeProducer] = field(default_factory=list)
+    # Shared by every producer built (the worker's one-record-per-request producer too).
+    refuse: dict[str, ClientError] = field(default_factory=dict)
 
     def make_consumer(
         self, config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
@@ -196,7 +198,7 @@ class FakeClients:
         return self.consumer
 
     def make_producer(self, config: Mapping[str, Any], on_error: ClientErrorHook) -> FakeProducer:
-        producer = FakeProducer(on_error, auto_ack=self.auto_ack)
+        producer = FakeProducer(on_error, auto_ack=self.auto_ack, refuse=self.refuse)
         self.producers.append(producer)
         return producer
 

@@ -40,11 +40,12 @@ from worker.config.loading import (
     setting_names,
 )
 from worker.config.observability import ObservabilitySettings
+from worker.config.settings import KafkaSettings
 from worker.contract.deadletter import WorkerIdentity
 from worker.contract.scorer import Scorer
 from worker.errors import ConfigError, ObservabilityServerError, ScorerConfigError, WarmUpError
 from worker.exit_codes import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE
-from worker.kafka.admin import missing_topics
+from worker.kafka.admin import missing_topics, topic_configs
 from worker.observability.logs import bind_process_context, configure_logging
 from worker.observability.redaction import redacted_settings, register_settings_secrets
 from worker.observability.setup import Observability, start_observability
@@ -58,6 +59,9 @@ log = structlog.get_logger(__name__)
 # answer by then is not a configuration error, so start-up goes on (and retries).
 TOPIC_CHECK_TIMEOUT_S: Final = 10.0
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# Topic configuration keys the start-up check reads.
+MAX_MESSAGE_BYTES: Final = "max.message.bytes"
+CLEANUP_POLICY: Final = "cleanup.policy"
 
 
 def _is_secret(field: FieldInfo) -> bool:
@@ -189,14 +193,16 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
 def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals) -> int:
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
+    topics = [kafka.output_topic, kafka.dead_letter_topic]
     missing = missing_topics(
         kafka,
-        [kafka.output_topic, kafka.dead_letter_topic],
+        topics,
         TOPIC_CHECK_TIMEOUT_S,
         obs.client_config(),
     )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
+    _report_topics(kafka, topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config()))
     try:
         scorer = _load_scorer(settings, obs)
     except _StartUpError as exc:
@@ -215,6 +221,31 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
     obs.metrics.track_in_flight(lambda: handoff.in_flight)
     signals.attach(worker)
     return worker.run()
+
+
+def _report_topics(kafka: KafkaSettings, configs: dict[str, dict[str, str]]) -> None:
+    """Log what the output topics' configuration means for the records written to them."""
+    limit = configs.get(kafka.dead_letter_topic, {}).get(MAX_MESSAGE_BYTES)
+    if limit is None:
+        log.warning(
+            "dead-letter topic's record size limit is unknown; a record it refuses is "
+            "replaced by a stub without the value",
+            topic=kafka.dead_letter_topic,
+        )
+    else:
+        log.info(
+            "dead-letter topic record size limit",
+            topic=kafka.dead_letter_topic,
+            max_message_bytes=int(limit),
+        )
+    policy = configs.get(kafka.output_topic, {}).get(CLEANUP_POLICY, "")
+    if "compact" in policy:
+        log.warning(
+            "output topic is compacted: the broker rejects a scored event without a key, "
+            "and its input is dead-lettered (stage produce)",
+            topic=kafka.output_topic,
+            cleanup_policy=policy,
+        )
 
 
 def _load_scorer(settings: RunSettings, obs: Observability) -> Scorer:

@@ -15,11 +15,23 @@ into the input topic as is once the cause is fixed, and adds ``tagstream.*`` hea
 ``tagstream.model``            name@revision of the scorer
 ``tagstream.failed_at``        RFC 3339 UTC time of the failure
 =============================  ========================================================
+
+When the broker refuses the dead-letter record itself (too large for the dead-letter topic,
+or rejected), a bounded *stub* is written instead: the original key, no value, the headers
+above (the input's own ones only while they fit in ``MAX_STUB_INPUT_HEADER_BYTES``), and:
+
+================================  =====================================================
+``tagstream.value.truncated``     ``true``: the value is not in this record
+``tagstream.value.size``          the original value's size in bytes
+``tagstream.value.sha256``        its SHA-256, hex, to find it in the input topic
+``tagstream.headers.truncated``   ``true`` when the input's own headers were left out
+================================  =====================================================
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +56,14 @@ HEADER_ATTEMPTS: Final = "tagstream.attempts"
 HEADER_WORKER: Final = "tagstream.worker"
 HEADER_MODEL: Final = "tagstream.model"
 HEADER_FAILED_AT: Final = "tagstream.failed_at"
+HEADER_VALUE_TRUNCATED: Final = "tagstream.value.truncated"
+HEADER_VALUE_SIZE: Final = "tagstream.value.size"
+HEADER_VALUE_SHA256: Final = "tagstream.value.sha256"
+HEADER_HEADERS_TRUNCATED: Final = "tagstream.headers.truncated"
+TAGSTREAM_HEADER_PREFIX: Final = "tagstream."
+# The input's own headers a stub keeps: 16 KiB holds any ordinary set (trace context, ids)
+# and keeps the stub far below the smallest max.message.bytes a topic has in practice.
+MAX_STUB_INPUT_HEADER_BYTES: Final = 16_384
 
 
 # One record header as written: name and bytes (or None, which Kafka allows).
@@ -128,3 +148,28 @@ def dead_letter_headers(
         (HEADER_FAILED_AT, rfc3339(failed_at).encode()),
     ]
     return [*record.headers, *added]
+
+
+def _header_size(header: Header) -> int:
+    name, value = header
+    return len(name.encode("utf-8", errors="replace")) + (0 if value is None else len(value))
+
+
+def stub_headers(
+    headers: Sequence[Header], value: bytes | None, limit: int = MAX_STUB_INPUT_HEADER_BYTES
+) -> list[Header]:
+    """The headers of the stub that stands in for a dead-letter record the broker refused:
+    the ``tagstream.*`` ones of ``headers`` always, the input's own while they fit in
+    ``limit`` bytes, and the value's size and SHA-256 (see the module docstring)."""
+    own = [header for header in headers if not header[0].startswith(TAGSTREAM_HEADER_PREFIX)]
+    ours = [header for header in headers if header[0].startswith(TAGSTREAM_HEADER_PREFIX)]
+    fits = sum(_header_size(header) for header in own) <= limit
+    body = value or b""
+    added: list[Header] = [
+        (HEADER_VALUE_TRUNCATED, b"true"),
+        (HEADER_VALUE_SIZE, str(len(body)).encode()),
+        (HEADER_VALUE_SHA256, hashlib.sha256(body).hexdigest().encode()),
+    ]
+    if not fits:
+        added.append((HEADER_HEADERS_TRUNCATED, b"true"))
+    return [*(own if fits else []), *ours, *added]

@@ -10,11 +10,13 @@ What happens to a record the broker did not take:
   exponential backoff, as often as it takes; never dead-lettered;
 * too large: sent once more alone (a batch can be too large because of its neighbours);
   a scored event that is too large on its own dead-letters its input (stage
-  ``produce``); a dead-letter record that is too large stops the worker, because its
-  offset can never be done;
+  ``produce``); a dead-letter record that is too large is replaced by a bounded stub
+  (original key and headers, no value, its size and SHA-256), and only a stub the broker
+  refuses too stops the worker, because its offset can never be done;
 * rejected for what it is (a null key on a compacted topic, a corrupt record, a broker
-  policy): a scored event dead-letters its input at once (stage ``produce``); a rejected
-  dead-letter record stops the worker, as a too large one does;
+  policy): the broker refuses the whole produce batch, so the record too is sent once more
+  alone; a scored event rejected alone dead-letters its input (stage ``produce``), and a
+  rejected dead-letter record is replaced by a stub, as a too large one is;
 * anything else (authorization, fatal idempotent-producer state, unknown permanent
   errors): stops the worker, which then commits only what is done.
 
@@ -34,12 +36,19 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, cast
 
 import structlog
 
 from worker.config.settings import KafkaSettings
-from worker.contract.deadletter import Failure, Stage, WorkerIdentity, dead_letter_headers
+from worker.contract.deadletter import (
+    Failure,
+    Header,
+    Stage,
+    WorkerIdentity,
+    dead_letter_headers,
+    stub_headers,
+)
 from worker.errors import KafkaFatalError, RecordRef
 from worker.kafka.config import producer_config
 from worker.kafka.errors import ClientError, ErrorKind
@@ -108,6 +117,8 @@ class Outbound:
     solo: bool = False
     # Why the input is dead-lettered (dead-letter records only): counted on acknowledgement.
     failure: Failure | None = None
+    # A bounded stand-in for a dead-letter record the broker refused (no value).
+    stub: bool = False
 
 
 def backoff_delay(attempt: int) -> float:
@@ -278,15 +289,16 @@ class ProducerStage:
             self._on_abandoned(record.origin)  # the next owner of the partition redoes it
         elif kind is ErrorKind.RETRIABLE:
             self._schedule_retry(record, error)
-        elif kind is ErrorKind.REJECTED and record.kind == "output":
-            failure = Failure(Stage.PRODUCE, error.name, error.message, record.attempts)
-            self.dead_letter(record.origin, failure)
-        elif kind is ErrorKind.TOO_LARGE and not record.solo:
+        elif not record.solo:
+            # Too large or rejected: the broker judges a whole batch, so a neighbour may be
+            # the cause. Alone, the record gets its own answer.
             record.solo = True
             self.send(record)
         elif record.kind == "output":
             failure = Failure(Stage.PRODUCE, error.name, error.message, record.attempts)
             self.dead_letter(record.origin, failure)
+        elif not record.stub:
+            self._send_stub(record, error)
         else:
             self._fail(
                 f"dead-letter record for {record.origin.record.topic}"
@@ -296,6 +308,33 @@ class ProducerStage:
                 error,
                 record,
             )
+
+    def _send_stub(self, record: Outbound, error: ClientError) -> None:
+        """The broker refused a dead-letter record (too large for the dead-letter topic, or
+        rejected): write a bounded stub in its place, so that no record can stop the worker
+        (and, one by one, every member that takes the partition after it)."""
+        source = record.origin.record
+        log.warning(
+            "dead-letter record refused, writing a stub without the value",
+            error=error.message,
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            value_bytes=0 if record.value is None else len(record.value),
+        )
+        headers = stub_headers(cast("list[Header]", record.headers), record.value)
+        stub = Outbound(
+            topic=record.topic,
+            key=record.key,
+            value=None,
+            headers=headers,
+            kind="dead_letter",
+            origin=record.origin,
+            failure=record.failure,
+            stub=True,
+            solo=True,
+        )
+        self.send(stub)
 
     def _schedule_retry(self, record: Outbound, error: ClientError) -> None:
         delay = backoff_delay(record.attempts)

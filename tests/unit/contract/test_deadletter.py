@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 
 from worker.contract.deadletter import (
     MAX_ERROR_MESSAGE_BYTES,
+    MAX_STUB_INPUT_HEADER_BYTES,
     Failure,
     Stage,
     WorkerIdentity,
     dead_letter_headers,
+    stub_headers,
     truncate_utf8,
 )
 from worker.kafka.records import InputRecord
@@ -84,3 +87,28 @@ def test_a_message_within_the_limit_is_unchanged() -> None:
     exactly = "a" * MAX_ERROR_MESSAGE_BYTES
     assert truncate_utf8(exactly) == exactly.encode()
     assert truncate_utf8("ünïcode ✓") == "ünïcode ✓".encode()
+
+
+def test_a_stub_keeps_key_headers_and_says_which_value_it_stands_for() -> None:
+    failure = Failure(Stage.DESERIALIZE, "DeserializeError", "not JSON")
+    record = _record((("trace-id", b"abc"),))
+    headers = dead_letter_headers(record, failure, IDENTITY, FAILED_AT)
+    stub = dict(stub_headers(headers, b"z" * 4000))
+    assert stub["trace-id"] == b"abc"
+    assert stub["tagstream.error.stage"] == b"deserialize"
+    assert stub["tagstream.value.truncated"] == b"true"
+    assert stub["tagstream.value.size"] == b"4000"
+    assert stub["tagstream.value.sha256"] == hashlib.sha256(b"z" * 4000).hexdigest().encode()
+    assert "tagstream.headers.truncated" not in stub
+
+
+def test_a_stub_leaves_out_input_headers_past_its_bound_but_keeps_its_own() -> None:
+    failure = Failure(Stage.PRODUCE, "MSG_SIZE_TOO_LARGE", "too large")
+    record = _record((("blob", b"h" * (MAX_STUB_INPUT_HEADER_BYTES + 1)),))
+    stub = stub_headers(dead_letter_headers(record, failure, IDENTITY, FAILED_AT), None)
+    names = [name for name, _ in stub]
+    assert "blob" not in names
+    assert all(name.startswith("tagstream.") for name in names)
+    assert dict(stub)["tagstream.headers.truncated"] == b"true"
+    assert dict(stub)["tagstream.value.size"] == b"0"
+    assert sum(len(name) + len(value or b"") for name, value in stub) < 4096

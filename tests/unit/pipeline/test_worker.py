@@ -197,8 +197,8 @@ def test_an_output_the_broker_rejects_for_what_it_is_dead_letters_its_input(
     worker: Worker, clients: FakeClients
 ) -> None:
     # A null key on a compacted output topic: INVALID_RECORD, the same answer every time.
-    clients.producer.refuse["news.tagged"] = delivery_error(KafkaError(KafkaError.INVALID_RECORD))
-    clients.producer.auto_ack = True
+    clients.refuse["news.tagged"] = delivery_error(KafkaError(KafkaError.INVALID_RECORD))
+    clients.auto_ack = clients.producer.auto_ack = True
     clients.input.assign([P0])
     _feed(clients, 0, _events(0, 2))
     _step_until(worker, lambda: clients.input.committed(P0) == 2)
