@@ -1,7 +1,8 @@
 """Dead-letter records: the input's bytes unchanged, plus headers that say what went wrong.
 
-A dead-letter record keeps the original key, value and headers, so it can be replayed
-into the input topic as is once the cause is fixed, and adds ``tagstream.*`` headers:
+A dead-letter record keeps the original key, value and headers (an input header named
+``tagstream.*`` itself is renamed ``tagstream.prev.*``), so it can be replayed into the
+input topic once the cause is fixed, and adds ``tagstream.*`` headers, each at most 1 KiB:
 
 =============================  ========================================================
 ``tagstream.error.stage``      deserialize | validate | inference | produce
@@ -61,6 +62,7 @@ HEADER_VALUE_SIZE: Final = "tagstream.value.size"
 HEADER_VALUE_SHA256: Final = "tagstream.value.sha256"
 HEADER_HEADERS_TRUNCATED: Final = "tagstream.headers.truncated"
 TAGSTREAM_HEADER_PREFIX: Final = "tagstream."
+PREVIOUS_HEADER_PREFIX: Final = "tagstream.prev."
 # The input's own headers a stub keeps: 16 KiB holds any ordinary set (trace context, ids)
 # and keeps the stub far below the smallest max.message.bytes a topic has in practice.
 MAX_STUB_INPUT_HEADER_BYTES: Final = 16_384
@@ -133,21 +135,36 @@ def rfc3339(moment: datetime) -> str:
 def dead_letter_headers(
     record: SourceRecord, failure: Failure, identity: WorkerIdentity, failed_at: datetime
 ) -> list[Header]:
-    """The input's own headers, unchanged and first, then the ``tagstream.*`` ones."""
+    """The input's own headers first, then the ``tagstream.*`` ones, each at most
+    ``MAX_ERROR_MESSAGE_BYTES``. An input header that is itself named ``tagstream.*`` (a
+    replayed or chained record) is kept as ``tagstream.prev.*``, so a reader never sees two
+    values under one of the names this record sets."""
     timestamp = b"" if record.timestamp_ms is None else str(record.timestamp_ms).encode()
     added: list[Header] = [
         (HEADER_STAGE, failure.stage.value.encode()),
-        (HEADER_CLASS, failure.error_class.encode("utf-8", errors="replace")),
+        (HEADER_CLASS, truncate_utf8(failure.error_class)),
         (HEADER_MESSAGE, truncate_utf8(failure.message)),
         *source_headers(record),
         (HEADER_SOURCE_TIMESTAMP, timestamp),
-        (HEADER_GROUP, identity.group.encode()),
+        (HEADER_GROUP, truncate_utf8(identity.group)),
         (HEADER_ATTEMPTS, str(failure.attempts).encode()),
-        (HEADER_WORKER, identity.worker.encode()),
-        (HEADER_MODEL, identity.model.encode()),
+        (HEADER_WORKER, truncate_utf8(identity.worker)),
+        (HEADER_MODEL, truncate_utf8(identity.model)),
         (HEADER_FAILED_AT, rfc3339(failed_at).encode()),
     ]
-    return [*record.headers, *added]
+    return [*(_kept(header) for header in record.headers), *added]
+
+
+def _kept(header: Header) -> Header:
+    name, value = header
+    if name.startswith(TAGSTREAM_HEADER_PREFIX):
+        return (PREVIOUS_HEADER_PREFIX + name.removeprefix(TAGSTREAM_HEADER_PREFIX), value)
+    return header
+
+
+def _is_ours(name: str) -> bool:
+    """A header this dead-letter record set (not one of the input's, renamed or not)."""
+    return name.startswith(TAGSTREAM_HEADER_PREFIX) and not name.startswith(PREVIOUS_HEADER_PREFIX)
 
 
 def _header_size(header: Header) -> int:
@@ -161,8 +178,8 @@ def stub_headers(
     """The headers of the stub that stands in for a dead-letter record the broker refused:
     the ``tagstream.*`` ones of ``headers`` always, the input's own while they fit in
     ``limit`` bytes, and the value's size and SHA-256 (see the module docstring)."""
-    own = [header for header in headers if not header[0].startswith(TAGSTREAM_HEADER_PREFIX)]
-    ours = [header for header in headers if header[0].startswith(TAGSTREAM_HEADER_PREFIX)]
+    own = [header for header in headers if not _is_ours(header[0])]
+    ours = [header for header in headers if _is_ours(header[0])]
     fits = sum(_header_size(header) for header in own) <= limit
     body = value or b""
     added: list[Header] = [

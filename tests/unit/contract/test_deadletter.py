@@ -112,3 +112,21 @@ def test_a_stub_leaves_out_input_headers_past_its_bound_but_keeps_its_own() -> N
     assert dict(stub)["tagstream.headers.truncated"] == b"true"
     assert dict(stub)["tagstream.value.size"] == b"0"
     assert sum(len(name) + len(value or b"") for name, value in stub) < 4096
+
+
+def test_input_headers_named_like_ours_are_kept_as_previous_ones() -> None:
+    failure = Failure(Stage.VALIDATE, "ValidateError", "text: Field required")
+    chained = (("tagstream.error.stage", b"inference"), ("tagstream.prev.group", b"g0"))
+    headers = dead_letter_headers(_record(chained), failure, IDENTITY, FAILED_AT)
+    names = [name for name, _ in headers]
+    assert names.count("tagstream.error.stage") == 1
+    assert dict(headers)["tagstream.error.stage"] == b"validate"
+    assert dict(headers)["tagstream.prev.error.stage"] == b"inference"
+    assert "tagstream.prev.prev.group" in names
+
+
+def test_every_added_header_is_bounded() -> None:
+    failure = Failure(Stage.INFERENCE, "E" * 5000, "m" * 5000)
+    identity = WorkerIdentity(group="g" * 5000, worker="w" * 5000, model="m" * 5000)
+    headers = dead_letter_headers(_record(), failure, identity, FAILED_AT)
+    assert all(len(value or b"") <= MAX_ERROR_MESSAGE_BYTES for _, value in headers)
