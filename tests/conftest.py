@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.kafka_fixtures",
     "tests.support.model_fixtures",
+    "tests.support.logging_fixtures",
 ]

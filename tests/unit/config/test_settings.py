@@ -3,18 +3,14 @@ librdkafka configuration built from them."""
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
-import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-import structlog
 
 from tests.support.scorers import FakeScorer
 from worker.cli import main
@@ -24,8 +20,6 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.settings import KafkaSettings, ModelSettings
 from worker.errors import ConfigError
 from worker.kafka.config import consumer_config, producer_config, security_config
-from worker.observability.logs import clear_process_context
-from worker.observability.redaction import clear_secrets
 from worker.observability.setup import start_observability
 from worker.pipeline.delivery import RETRY_BACKOFF_MAX_S, backoff_delay
 
@@ -41,18 +35,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``tagstream run`` configures process-wide logging first thing; undo it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    hooks = sys.excepthook, threading.excepthook
-    yield
-    root.handlers, root.level = handlers, level
-    sys.excepthook, threading.excepthook = hooks
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
-    clear_secrets()
-    clear_process_context()
+def _restore_logging(restore_logging: None) -> None:
+    """Every test here leaves logging as it found it."""
 
 
 def _error(**flags: object) -> str:

@@ -8,7 +8,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +22,11 @@ from worker.config.settings import KafkaSettings
 from worker.observability.logs import (
     LIBRDKAFKA_LOGGER_NAME,
     bind_process_context,
-    clear_process_context,
     configure_logging,
     librdkafka_logger,
 )
 from worker.observability.redaction import (
     MASK,
-    clear_secrets,
     redact,
     redacted_settings,
     register_secret,
@@ -47,18 +44,8 @@ LIBRDKAFKA_WAIT_S = 5.0
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    hooks = sys.excepthook, threading.excepthook
-    yield
-    root.handlers, root.level = handlers, level
-    sys.excepthook, threading.excepthook = hooks
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    clear_secrets()
-    clear_process_context()
+def _restore_logging(restore_logging: None) -> None:
+    """Every test here leaves logging as it found it."""
 
 
 def _configure(fmt: str = "json", level: str = "DEBUG") -> io.StringIO:
