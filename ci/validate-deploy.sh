@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Validate the deployment files without a cluster or a container engine:
 #   1. helm (built once from the Go module proxy, cached in ~/.cache/tagstream/bin),
-#   2. `helm lint --strict` with the default values and with ci/values-all-on.yaml,
-#   3. `helm template` with the default values, with every optional resource on (KEDA), and
-#      with the HPA alternative; each rendering is validated offline by ci/check_manifests.py
+#   2. `helm lint --strict` with the default values, with ci/values-all-on.yaml, and with that
+#      plus mutual TLS files from a Secret (kafka.tls),
+#   3. `helm template` with the default values, with every optional resource on (KEDA), with
+#      the HPA alternative, and with every optional resource plus mutual TLS; each rendering is
+#      validated offline by ci/check_manifests.py
 #      (kubernetes-validate for core kinds, required fields for ScaledObject,
 #      TriggerAuthentication and ServiceMonitor),
 #   4. docker-compose.yml with `docker compose config -q` where the compose plugin exists, else
@@ -20,6 +22,9 @@ HELM_VERSION=v3.22.0
 KUBE_VERSION=1.33.0
 CHART=helm/tagstream
 ALL_ON=ci/values-all-on.yaml
+# kafka.tls on top of ALL_ON (SASL_SSL): CA, client certificate and an encrypted key.
+TLS_ON=(--set kafka.tls.existingSecret=tagstream-kafka-tls --set kafka.tls.certificateKey=tls.crt
+  --set kafka.tls.keyKey=tls.key --set kafka.tls.keyPasswordKey=key-password)
 PYTHON=${PYTHON:-.venv/bin/python}
 CACHE=${TAGSTREAM_CACHE:-$HOME/.cache/tagstream}
 export GOBIN=$CACHE/bin
@@ -62,6 +67,7 @@ ensure_validator() {
 lint_chart() {
   "$HELM" lint --strict --kube-version "$KUBE_VERSION" "$CHART"
   "$HELM" lint --strict --kube-version "$KUBE_VERSION" -f "$ALL_ON" "$CHART"
+  "$HELM" lint --strict --kube-version "$KUBE_VERSION" -f "$ALL_ON" "${TLS_ON[@]}" "$CHART"
 }
 
 render_and_check() {
@@ -70,6 +76,7 @@ render_and_check() {
   "${render[@]}" >"$out/default.yaml"
   "${render[@]}" -f "$ALL_ON" >"$out/all-on.yaml"
   "${render[@]}" -f "$ALL_ON" --set autoscaling.kind=hpa >"$out/hpa.yaml"
+  "${render[@]}" -f "$ALL_ON" "${TLS_ON[@]}" >"$out/tls.yaml"
   local core=(--expect-kind Deployment --expect-kind ConfigMap --expect-kind Service
     --expect-kind ServiceAccount --expect-kind PodDisruptionBudget)
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" "$out/default.yaml"
@@ -78,6 +85,9 @@ render_and_check() {
     "$out/all-on.yaml"
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" \
     --expect-kind HorizontalPodAutoscaler --expect-kind ServiceMonitor "$out/hpa.yaml"
+  "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" \
+    --expect-kind ScaledObject --expect-kind TriggerAuthentication --expect-kind ServiceMonitor \
+    "$out/tls.yaml"
 }
 
 compose_command() {

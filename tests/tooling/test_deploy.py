@@ -12,11 +12,12 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
 from ci.check_manifests import DEFAULT_KUBE_VERSION, check_documents, load_documents
 from worker.config.loading import RunSettings, load_run_settings
@@ -61,6 +62,10 @@ PUBLIC_ENV = {
     "TAGSTREAM_SASL_MECHANISM",
     "TAGSTREAM_SASL_USERNAME",
     "TAGSTREAM_SASL_PASSWORD",
+    "TAGSTREAM_SSL_CA_LOCATION",
+    "TAGSTREAM_SSL_CERTIFICATE_LOCATION",
+    "TAGSTREAM_SSL_KEY_LOCATION",
+    "TAGSTREAM_SSL_KEY_PASSWORD",
     "HF_HOME",
 }
 STANDARD_LABELS = (
@@ -172,13 +177,49 @@ def config(docs: Sequence[Manifest]) -> dict[str, str]:
     return data
 
 
+def env_by_name(container: Manifest) -> dict[str, Manifest]:
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def volume(docs: Sequence[Manifest], name: str) -> Manifest:
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    matches = [item for item in volumes if item["name"] == name]
+    assert len(matches) == 1, f"expected one volume {name}, got {len(matches)}"
+    result: Manifest = matches[0]
+    return result
+
+
+def mount(docs: Sequence[Manifest], name: str) -> Manifest:
+    matches = [item for item in worker_container(docs)["volumeMounts"] if item["name"] == name]
+    assert len(matches) == 1, f"expected one mount of {name}, got {len(matches)}"
+    result: Manifest = matches[0]
+    return result
+
+
+def sets(*assignments: str) -> tuple[str, ...]:
+    return tuple(arg for assignment in assignments for arg in ("--set", assignment))
+
+
 ALL_ON_ARGS = ("-f", str(ALL_ON))
-RENDERINGS = {"default": (), "all-on": ALL_ON_ARGS}
+TLS_SECRET = "tagstream-kafka-tls"
+TLS_MOUNT = "/etc/tagstream/tls"
+# Mutual TLS with an encrypted key; ci/values-all-on.yaml already speaks SASL_SSL.
+MTLS_ARGS = sets(
+    f"kafka.tls.existingSecret={TLS_SECRET}",
+    "kafka.tls.certificateKey=tls.crt",
+    "kafka.tls.keyKey=tls.key",
+    "kafka.tls.keyPasswordKey=key-password",
+)
+# Server verification only: the CA under its default key.
+TLS_BASE = ("kafka.securityProtocol=SSL", f"kafka.tls.existingSecret={TLS_SECRET}")
+CA_ONLY_ARGS = sets(*TLS_BASE)
+RENDERINGS = {"default": (), "all-on": ALL_ON_ARGS, "all-on-mtls": (*ALL_ON_ARGS, *MTLS_ARGS)}
 
 
 @pytest.fixture(params=sorted(RENDERINGS))
 def docs(request: pytest.FixtureRequest) -> list[Manifest]:
-    """The chart rendered with the default values, then with every optional resource on."""
+    """The chart rendered with the default values, with every optional resource on, and with
+    mutual TLS on top of that."""
     return render(*RENDERINGS[request.param])
 
 
@@ -259,8 +300,8 @@ def test_runs_as_non_root_with_a_read_only_root_filesystem(docs: list[Manifest])
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     # The only writable paths are volumes: the model cache (HF_HOME) and /tmp.
-    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
-    assert mounts == {config(docs)["HF_HOME"], "/tmp"}
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {config(docs)["HF_HOME"], "/tmp"}
 
 
 def test_keda_scales_on_the_group_lag_up_to_the_partition_count() -> None:
@@ -332,6 +373,180 @@ def test_a_sasl_mechanism_without_a_sasl_protocol_is_refused() -> None:
         "--set", "kafka.sasl.mechanism=PLAIN", "--set", "kafka.sasl.existingSecret=creds"
     )
     assert "needs kafka.securityProtocol SASL_PLAINTEXT or SASL_SSL" in error
+
+
+def test_tls_files_are_mounted_read_only_from_the_existing_secret() -> None:
+    docs = render(*ALL_ON_ARGS, *MTLS_ARGS)
+    assert mount(docs, "kafka-tls") == {
+        "name": "kafka-tls",
+        "mountPath": TLS_MOUNT,
+        "readOnly": True,
+    }
+    secret = volume(docs, "kafka-tls")["secret"]
+    assert secret["secretName"] == TLS_SECRET
+    assert secret["defaultMode"] == 0o440
+    # Only the files the worker reads: the key password is not mounted.
+    assert secret["items"] == [
+        {"key": "ca.crt", "path": "ca.crt"},
+        {"key": "tls.crt", "path": "tls.crt"},
+        {"key": "tls.key", "path": "tls.key"},
+    ]
+    assert "Secret" not in kinds(docs)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("0400", 0o400), ("0440", 0o440)])
+def test_the_tls_file_mode_is_0400_or_0440(mode: str, expected: int) -> None:
+    docs = render(*CA_ONLY_ARGS, "--set", f"kafka.tls.defaultMode={mode}")
+    assert volume(docs, "kafka-tls")["secret"]["defaultMode"] == expected
+    assert "defaultMode" in render_error(*CA_ONLY_ARGS, "--set", "kafka.tls.defaultMode=0644")
+
+
+def test_tls_locations_point_into_the_mount() -> None:
+    docs = render(*ALL_ON_ARGS, *MTLS_ARGS)
+    settings = config(docs)
+    expected = {
+        "TAGSTREAM_SSL_CA_LOCATION": "ca.crt",
+        "TAGSTREAM_SSL_CERTIFICATE_LOCATION": "tls.crt",
+        "TAGSTREAM_SSL_KEY_LOCATION": "tls.key",
+    }
+    mounted = {item["path"] for item in volume(docs, "kafka-tls")["secret"]["items"]}
+    for variable, file_name in expected.items():
+        location = PurePosixPath(settings[variable])
+        assert location == PurePosixPath(mount(docs, "kafka-tls")["mountPath"]) / file_name
+        assert location.name in mounted, f"{variable} names a file the volume does not hold"
+
+
+def test_tls_key_password_comes_from_a_secret_key_ref_only() -> None:
+    docs = render(*ALL_ON_ARGS, *MTLS_ARGS)
+    password = env_by_name(worker_container(docs))["TAGSTREAM_SSL_KEY_PASSWORD"]
+    assert password == {
+        "name": "TAGSTREAM_SSL_KEY_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": TLS_SECRET, "key": "key-password"}},
+    }
+    assert "TAGSTREAM_SSL_KEY_PASSWORD" not in config(docs)
+    assert not any("key-password" in str(value) for value in config(docs).values())
+
+
+def test_ca_only_tls_verifies_the_brokers_without_a_client_certificate() -> None:
+    docs = render(*CA_ONLY_ARGS)
+    settings = config(docs)
+    assert settings["TAGSTREAM_SSL_CA_LOCATION"] == f"{TLS_MOUNT}/ca.crt"
+    assert not {"TAGSTREAM_SSL_CERTIFICATE_LOCATION", "TAGSTREAM_SSL_KEY_LOCATION"} & set(settings)
+    assert "TAGSTREAM_SSL_KEY_PASSWORD" not in env_by_name(worker_container(docs))
+    assert volume(docs, "kafka-tls")["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+
+
+def test_the_worker_holds_the_tls_key_password_as_a_secret_str(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = render(*ALL_ON_ARGS, *MTLS_ARGS)
+    env = dict(config(docs))
+    env["TAGSTREAM_SASL_USERNAME"] = env["TAGSTREAM_SASL_PASSWORD"] = "from-the-secret"
+    env["TAGSTREAM_SSL_KEY_PASSWORD"] = "key-password-from-the-secret"
+    run, _ = worker_settings(env, monkeypatch)
+    assert run.kafka.ssl_ca_location == f"{TLS_MOUNT}/ca.crt"
+    assert run.kafka.ssl_certificate_location == f"{TLS_MOUNT}/tls.crt"
+    assert run.kafka.ssl_key_location == f"{TLS_MOUNT}/tls.key"
+    assert isinstance(run.kafka.ssl_key_password, SecretStr)
+    assert run.kafka.ssl_key_password.get_secret_value() == "key-password-from-the-secret"
+    assert "key-password-from-the-secret" not in repr(run.kafka)
+
+
+def test_keda_reads_the_tls_files_from_the_same_secret() -> None:
+    docs = render(*ALL_ON_ARGS, *MTLS_ARGS)
+    refs = one(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]
+    tls_refs = {ref["parameter"]: ref for ref in refs if ref["name"] == TLS_SECRET}
+    assert {parameter: ref["key"] for parameter, ref in tls_refs.items()} == {
+        "ca": "ca.crt",
+        "cert": "tls.crt",
+        "key": "tls.key",
+        "keyPassword": "key-password",
+    }
+    # TLS without SASL still needs the TriggerAuthentication for the CA.
+    ca_only = render(*CA_ONLY_ARGS, "--set", "autoscaling.enabled=true")
+    auth = one(ca_only, "TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "ca", "name": TLS_SECRET, "key": "ca.crt"}
+    ]
+    for trigger in one(ca_only, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert trigger["metadata"]["tls"] == "enable"
+
+
+@pytest.mark.parametrize(
+    ("assignments", "message"),
+    [
+        pytest.param(
+            (f"kafka.tls.existingSecret={TLS_SECRET}",),
+            "kafka.tls.existingSecret needs kafka.securityProtocol SSL or SASL_SSL, not PLAINTEXT",
+            id="plaintext",
+        ),
+        pytest.param(
+            ("kafka.securityProtocol=SASL_PLAINTEXT", f"kafka.tls.existingSecret={TLS_SECRET}"),
+            "needs kafka.securityProtocol SSL or SASL_SSL, not SASL_PLAINTEXT",
+            id="sasl-plaintext",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.certificateKey=tls.crt"),
+            "kafka.tls.certificateKey needs kafka.tls.keyKey",
+            id="certificate-without-key",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.keyKey=tls.key"),
+            "kafka.tls.keyKey needs kafka.tls.certificateKey",
+            id="key-without-certificate",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.keyPasswordKey=key-password"),
+            "kafka.tls.keyPasswordKey needs kafka.tls.keyKey",
+            id="password-without-key",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.caKey="),
+            "kafka.tls.existingSecret is set but names no file",
+            id="no-file",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.certificateKey=ca.crt", "kafka.tls.keyKey=tls.key"),
+            "must name different keys of the Secret",
+            id="same-key-twice",
+        ),
+        pytest.param(
+            ("kafka.tls.certificateKey=tls.crt", "kafka.tls.keyKey=tls.key"),
+            "need kafka.tls.existingSecret",
+            id="files-without-secret",
+        ),
+        pytest.param(
+            (*TLS_BASE, "kafka.tls.mountPath=/tmp"),
+            "kafka.tls.mountPath (/tmp) would hide another volume",
+            id="mount-over-tmp",
+        ),
+        pytest.param(
+            (*TLS_BASE, "podSecurityContext.fsGroup=null"),
+            "kafka.tls.existingSecret needs podSecurityContext.fsGroup",
+            id="no-fs-group",
+        ),
+        pytest.param(
+            (*TLS_BASE, "config.TAGSTREAM_SSL_CA_LOCATION=/elsewhere/ca.crt"),
+            "config sets TAGSTREAM_SSL_CA_LOCATION, which kafka.tls sets",
+            id="config-overrides-location",
+        ),
+    ],
+)
+def test_an_unusable_tls_combination_is_refused(assignments: tuple[str, ...], message: str) -> None:
+    assert message in render_error(*sets(*assignments))
+
+
+@pytest.mark.parametrize("name", ["TAGSTREAM_SSL_KEY_PASSWORD", "TAGSTREAM_SASL_PASSWORD"])
+def test_a_password_in_the_config_map_is_refused(name: str) -> None:
+    error = render_error("--set", f"config.{name}=hunter2")
+    assert f"config.{name} would put a password into the ConfigMap" in error
+
+
+def test_notes_name_the_tls_secret(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, *ALL_ON_ARGS, *MTLS_ARGS)
+    assert f'TLS files come from Secret "{TLS_SECRET}", mounted read-only at {TLS_MOUNT}' in notes
+    assert "(ca.crt, tls.crt, tls.key; key password from key key-password)" in notes
 
 
 def test_every_resource_has_the_standard_labels(docs: list[Manifest]) -> None:

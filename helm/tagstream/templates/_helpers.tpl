@@ -86,6 +86,84 @@ gives each partition to one member, so replicas beyond the partition count would
 {{- if has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL") }}true{{- end }}
 {{- end }}
 
+{{/*
+Whether TLS files come from kafka.tls.existingSecret; fails on a combination the worker could
+not use. Every file is optional on its own: the CA alone verifies the brokers, the certificate
+and key together add mutual TLS.
+*/}}
+{{- define "tagstream.tlsEnabled" -}}
+{{- $tls := .Values.kafka.tls }}
+{{- if $tls.existingSecret }}
+{{- if not (include "tagstream.kafkaTls" .) }}
+{{- fail (printf "kafka.tls.existingSecret needs kafka.securityProtocol SSL or SASL_SSL, not %s: with %s the worker would not use the mounted TLS files" .Values.kafka.securityProtocol .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and $tls.certificateKey (not $tls.keyKey) }}
+{{- fail "kafka.tls.certificateKey needs kafka.tls.keyKey: mutual TLS takes the client certificate and its private key together" }}
+{{- end }}
+{{- if and $tls.keyKey (not $tls.certificateKey) }}
+{{- fail "kafka.tls.keyKey needs kafka.tls.certificateKey: mutual TLS takes the client certificate and its private key together" }}
+{{- end }}
+{{- if and $tls.keyPasswordKey (not $tls.keyKey) }}
+{{- fail "kafka.tls.keyPasswordKey needs kafka.tls.keyKey: the password decrypts the client private key" }}
+{{- end }}
+{{- if not (or $tls.caKey $tls.certificateKey) }}
+{{- fail "kafka.tls.existingSecret is set but names no file: set kafka.tls.caKey (server verification) and/or kafka.tls.certificateKey with kafka.tls.keyKey (mutual TLS)" }}
+{{- end }}
+{{- $keys := compact (list $tls.caKey $tls.certificateKey $tls.keyKey $tls.keyPasswordKey) }}
+{{- if ne (len $keys) (len (uniq $keys)) }}
+{{- fail (printf "kafka.tls.caKey, certificateKey, keyKey and keyPasswordKey must name different keys of the Secret, got %s" (join ", " $keys)) }}
+{{- end }}
+{{- $mount := trimSuffix "/" $tls.mountPath }}
+{{- if has $mount (list "/tmp" (trimSuffix "/" .Values.modelCache.mountPath)) }}
+{{- fail (printf "kafka.tls.mountPath (%s) would hide another volume of the worker (/tmp, modelCache.mountPath)" $tls.mountPath) }}
+{{- end }}
+{{- $pod := .Values.podSecurityContext | default (dict) }}
+{{- if and (not $pod.fsGroup) (ne (toString $pod.runAsUser) "0") }}
+{{- fail "kafka.tls.existingSecret needs podSecurityContext.fsGroup: the mounted files belong to root and that group, through which the non-root worker reads them" }}
+{{- end }}
+{{- if include "tagstream.tlsConfigOverrides" . }}
+{{- fail (printf "config sets %s, which kafka.tls sets from the mounted Secret: remove it from config" (include "tagstream.tlsConfigOverrides" .)) }}
+{{- end }}true
+{{- else if or $tls.certificateKey $tls.keyKey $tls.keyPasswordKey }}
+{{- fail "kafka.tls.certificateKey, keyKey and keyPasswordKey need kafka.tls.existingSecret: the chart reads TLS files from an existing Secret only" }}
+{{- end }}
+{{- end }}
+
+{{/* The TAGSTREAM_SSL_* keys of `config` (comma-separated), which kafka.tls owns. */}}
+{{- define "tagstream.tlsConfigOverrides" -}}
+{{- $names := list }}
+{{- range $name, $_ := .Values.config }}
+{{- if hasPrefix "TAGSTREAM_SSL_" $name }}
+{{- $names = append $names $name }}
+{{- end }}
+{{- end }}
+{{- join ", " $names }}
+{{- end }}
+
+{{/* Where a key of kafka.tls.existingSecret is mounted: the file is named after the key. */}}
+{{- define "tagstream.tlsFile" -}}
+{{- printf "%s/%s" (trimSuffix "/" .root.Values.kafka.tls.mountPath) .key }}
+{{- end }}
+
+{{/* kafka.tls.defaultMode as the integer Kubernetes wants (0400 and 0440 arrive as 256 and 288). */}}
+{{- define "tagstream.tlsDefaultMode" -}}
+{{- $modes := dict "256" 256 "288" 288 "0400" 256 "0440" 288 }}
+{{- $mode := toString .Values.kafka.tls.defaultMode }}
+{{- if not (hasKey $modes $mode) }}
+{{- fail (printf "kafka.tls.defaultMode must be 0400 or 0440, not %s" $mode) }}
+{{- end }}
+{{- get $modes $mode }}
+{{- end }}
+
+{{/* Refuses passwords in `config`: the ConfigMap is not a Secret. */}}
+{{- define "tagstream.checkConfigSecrets" -}}
+{{- range $name, $_ := .Values.config }}
+{{- if contains "PASSWORD" $name }}
+{{- fail (printf "config.%s would put a password into the ConfigMap: use kafka.sasl.existingSecret, kafka.tls.keyPasswordKey or an extraEnv entry with a secretKeyRef" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Refuses a grace period the worker's own shutdown could outlast. */}}
 {{- define "tagstream.checkGracePeriod" -}}
 {{- if le (int .Values.terminationGracePeriodSeconds) (int .Values.shutdownTimeoutSeconds) }}
