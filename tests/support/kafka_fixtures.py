@@ -3,6 +3,11 @@
 ``TAGSTREAM_TEST_BOOTSTRAP=host:port`` reuses an existing cluster; otherwise the session
 starts the local broker (``dev/kafka/kafkactl.py``) on free ports in a temporary directory
 and stops it at the end. Each test gets fresh topics and consumer groups (unique names).
+
+``secure_kafka`` is a second broker, started only by the tests that ask for it, with a
+``SASL_SSL`` listener (``kafkactl.py up --secure``: SCRAM-SHA-512 over TLS with a throwaway
+CA). It is always the session's own: with ``TAGSTREAM_TEST_BOOTSTRAP`` set a broker that
+cannot be started here skips those tests; without it (CI) that is a failure.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held open together, so no two draws can collide)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -49,6 +66,9 @@ class KafkaCluster:
     controller_port: int | None = None
     data_dir: Path | None = None
     startup_output: str = field(default="")
+    # Secured brokers: the SASL_SSL port and what kafkactl wrote to DATA_DIR/client.env.
+    secure_port: int | None = None
+    client_env: dict[str, str] = field(default_factory=dict)
 
     def kafkactl(self, action: str) -> subprocess.CompletedProcess[str]:
         """Run ``kafkactl.py ACTION`` against this broker (managed brokers only)."""
@@ -65,6 +85,8 @@ class KafkaCluster:
             "--data-dir",
             str(self.data_dir),
         ]
+        if self.secure_port is not None:
+            command += ["--secure-port", str(self.secure_port)]
         return subprocess.run(command, capture_output=True, text=True, check=False, timeout=180)
 
     def restart(self) -> None:
@@ -79,6 +101,33 @@ class KafkaCluster:
     def start(self) -> None:
         result = self.kafkactl("up")
         assert result.returncode == 0, result.stdout + result.stderr
+
+    @property
+    def secure_bootstrap(self) -> str:
+        return self.client_env["TAGSTREAM_BOOTSTRAP_SERVERS"]
+
+    @property
+    def sasl_password(self) -> str:
+        return self.client_env["TAGSTREAM_SASL_PASSWORD"]
+
+    def secure_config(self, password: str | None = None) -> dict[str, Any]:
+        """librdkafka settings for the SASL_SSL listener (``password``: another one)."""
+        env = self.client_env
+        return {
+            "bootstrap.servers": env["TAGSTREAM_BOOTSTRAP_SERVERS"],
+            "security.protocol": env["TAGSTREAM_SECURITY_PROTOCOL"],
+            "sasl.mechanism": env["TAGSTREAM_SASL_MECHANISM"],
+            "sasl.username": env["TAGSTREAM_SASL_USERNAME"],
+            "sasl.password": self.sasl_password if password is None else password,
+            "ssl.ca.location": env["TAGSTREAM_SSL_CA_LOCATION"],
+        }
+
+
+def read_client_env(path: Path) -> dict[str, str]:
+    """The ``KEY=VALUE`` lines of kafkactl's ``client.env`` (comments skipped)."""
+    lines = path.read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
 
 
 # What `kafkactl up` printed (address and start-up time), shown in the terminal summary.
@@ -109,6 +158,35 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
         pytest.fail(f"local Kafka broker did not start:\n{result.stdout}\n{result.stderr}")
     cluster.startup_output = result.stdout.strip()
     _STARTUP_LINES.append(cluster.startup_output.splitlines()[-1])
+    try:
+        yield cluster
+    finally:
+        cluster.kafkactl("down")
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A second broker of this session's own, with a SASL_SSL listener (module docstring)."""
+    port, controller_port, secure_port = free_ports(3)
+    cluster = KafkaCluster(
+        bootstrap=f"127.0.0.1:{port}",
+        managed=True,
+        port=port,
+        controller_port=controller_port,
+        data_dir=tmp_path_factory.mktemp("kafka-secure"),
+        secure_port=secure_port,
+    )
+    result = cluster.kafkactl("up")
+    if result.returncode != 0:
+        cluster.kafkactl("down")  # a broker that started but never verified its TLS
+        message = f"secured Kafka broker did not start:\n{result.stdout}\n{result.stderr}"
+        if os.environ.get(BOOTSTRAP_ENV):
+            pytest.skip(message)
+        pytest.fail(message)
+    assert cluster.data_dir is not None
+    cluster.client_env = read_client_env(cluster.data_dir / "client.env")
+    cluster.startup_output = result.stdout.strip()
+    _STARTUP_LINES.extend(cluster.startup_output.splitlines()[-2:])
     try:
         yield cluster
     finally:

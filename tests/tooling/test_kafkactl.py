@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import shutil
+import socket
+import ssl
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -171,3 +177,193 @@ def test_status_of_a_stopped_broker_is_non_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "stopped" in result.stdout
+
+
+# -- secured mode (up --secure) ---------------------------------------------------------------
+
+
+def _secure(kafkactl: ModuleType, tmp_path: Path) -> Any:
+    return kafkactl.BrokerConfig(
+        port=23001, controller_port=23002, data_dir=tmp_path, secure_port=23003
+    )
+
+
+def test_plain_rendering_has_no_secured_listener(kafkactl: ModuleType, tmp_path: Path) -> None:
+    config = kafkactl.BrokerConfig(port=23001, controller_port=23002, data_dir=tmp_path)
+    props = _properties(kafkactl.render_properties(config))
+    assert not config.secure
+    settings = [f"{key}={value}".lower() for key, value in props.items()]
+    assert not [line for line in settings if "sasl" in line or "ssl" in line]
+    assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+
+
+def test_secure_rendering_adds_a_sasl_ssl_listener(kafkactl: ModuleType, tmp_path: Path) -> None:
+    text = kafkactl.render_properties(_secure(kafkactl, tmp_path))
+    props = _properties(text)
+    assert "$" not in text
+    assert props["listeners"] == (
+        "PLAINTEXT://127.0.0.1:23001,CONTROLLER://127.0.0.1:23002,SASL_SSL://127.0.0.1:23003"
+    )
+    assert props["advertised.listeners"] == (
+        "PLAINTEXT://127.0.0.1:23001,SASL_SSL://127.0.0.1:23003"
+    )
+    assert props["listener.security.protocol.map"] == (
+        "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL"
+    )
+    # The probe, inter-broker and controller traffic stay on PLAINTEXT.
+    assert props["inter.broker.listener.name"] == "PLAINTEXT"
+    assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    assert props["listener.name.sasl_ssl.sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+    jaas = props["listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config"]
+    assert jaas == "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    assert props["listener.name.sasl_ssl.ssl.keystore.type"] == "PEM"
+    keystore = props["listener.name.sasl_ssl.ssl.keystore.location"]
+    assert keystore == str(tmp_path / "tls" / "broker-keystore.pem")
+    assert not any("password" in key for key in props)
+
+
+def test_scram_users_are_added_in_storage_tool_syntax(kafkactl: ModuleType) -> None:
+    assert kafkactl.scram_argument("tagstream", "ab12") == (
+        "SCRAM-SHA-512=[name=tagstream,password=ab12]"
+    )
+    for user, password in (("a,b", "x"), ("a", "x]"), ("a", "p=w"), ("a", "")):
+        with pytest.raises(kafkactl.KafkaCtlError, match="SCRAM"):
+            kafkactl.scram_argument(user, password)
+
+
+def test_secure_format_creates_the_user_and_writes_client_env_first(
+    kafkactl: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = _secure(kafkactl, tmp_path)
+    calls: list[tuple[list[str], bool]] = []
+
+    def run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        calls.append((command, config.client_env_file.exists()))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(kafkactl.subprocess, "run", run)
+    kafkactl.format_storage(config, tmp_path / "jars")
+
+    [(command, env_written_before)] = calls
+    assert env_written_before
+    assert config.client_env_file.stat().st_mode & 0o777 == 0o600
+    env = dict(
+        line.split("=", 1)
+        for line in config.client_env_file.read_text().splitlines()
+        if not line.startswith("#")
+    )
+    assert env["TAGSTREAM_BOOTSTRAP_SERVERS"] == "127.0.0.1:23003"
+    assert env["TAGSTREAM_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["TAGSTREAM_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["TAGSTREAM_SASL_USERNAME"] == "tagstream"
+    assert env["TAGSTREAM_SSL_CA_LOCATION"] == str(tmp_path / "tls" / "ca.pem")
+    password = env["TAGSTREAM_SASL_PASSWORD"]
+    assert len(password) == 2 * kafkactl.PASSWORD_BYTES
+    scram = command[command.index("--add-scram") + 1]
+    assert scram == f"SCRAM-SHA-512=[name=tagstream,password={password}]"
+
+
+def test_plain_format_adds_no_scram_user(kafkactl: ModuleType, tmp_path: Path) -> None:
+    config = kafkactl.BrokerConfig(port=23001, controller_port=23002, data_dir=tmp_path)
+    assert "--add-scram" not in kafkactl.format_command(config, tmp_path)
+
+
+def test_secure_start_on_a_plainly_formatted_data_dir_is_refused(
+    kafkactl: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(kafkactl, "require_tools", lambda *names: None)
+    monkeypatch.setattr(kafkactl, "jar_dir", lambda: tmp_path / "jars")
+    config = _secure(kafkactl, tmp_path)
+    config.log_dirs.mkdir(parents=True)
+    (config.log_dirs / "meta.properties").write_text("cluster.id=x\n")
+    with pytest.raises(kafkactl.KafkaCtlError, match="formatted without --secure"):
+        kafkactl.up(config)
+
+
+def test_secured_mode_comes_from_flags_then_env(
+    kafkactl: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import argparse
+
+    def config(**flags: Any) -> Any:
+        base = {"port": 1, "controller_port": 2, "data_dir": str(tmp_path)}
+        return kafkactl.config_from(argparse.Namespace(**{**base, **flags}))
+
+    monkeypatch.delenv("TAGSTREAM_KAFKA_SECURE", raising=False)
+    monkeypatch.delenv("TAGSTREAM_KAFKA_SECURE_PORT", raising=False)
+    assert config().secure_port is None
+    assert config(secure=True).secure_port == kafkactl.DEFAULT_SECURE_PORT
+    assert config(secure=False, secure_port=3).secure_port == 3
+    monkeypatch.setenv("TAGSTREAM_KAFKA_SECURE", "1")
+    assert config(secure=False, secure_port=None).secure_port == kafkactl.DEFAULT_SECURE_PORT
+    monkeypatch.setenv("TAGSTREAM_KAFKA_SECURE_PORT", "4")
+    assert config().secure_port == 4
+    with pytest.raises(kafkactl.KafkaCtlError, match="--secure-port must differ"):
+        config(secure_port=2)
+
+
+def _serve_tls(keystore: Path, connections: int) -> int:
+    """A TLS server on a free port presenting ``keystore`` for ``connections`` handshakes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(keystore)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener:
+            for _ in range(connections):
+                conn, _ = listener.accept()
+                with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True):
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_throwaway_ca_signs_a_broker_certificate_clients_verify(
+    kafkactl: ModuleType, tmp_path: Path
+) -> None:
+    config = _secure(kafkactl, tmp_path / "a")
+    config.data_dir.mkdir()
+    kafkactl.make_certificates(config)
+    names = sorted(path.name for path in config.tls_dir.iterdir())
+    assert names == ["broker-keystore.pem", "broker.crt", "ca.pem"]  # the CA key is gone
+    assert config.keystore_file.stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" in config.keystore_file.read_text()
+    assert "PRIVATE KEY" not in config.ca_file.read_text()
+    before = config.ca_file.read_bytes()
+    kafkactl.make_certificates(config)  # a restart keeps the CA clients already trust
+    assert config.ca_file.read_bytes() == before
+
+    other = _secure(kafkactl, tmp_path / "b")
+    other.data_dir.mkdir()
+    kafkactl.make_certificates(other)
+    port = _serve_tls(config.keystore_file, connections=3)
+    assert kafkactl.tls_error(f"127.0.0.1:{port}", config.ca_file) is None
+    assert kafkactl.tls_error(f"localhost:{port}", config.ca_file) is None
+    mistrusted = kafkactl.tls_error(f"127.0.0.1:{port}", other.ca_file)
+    assert mistrusted is not None and "certificate verify failed" in mistrusted
+
+
+def test_status_of_a_stopped_secure_broker_names_its_listener(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "status",
+            "--port",
+            "29995",
+            "--controller-port",
+            "29996",
+            "--secure-port",
+            "29997",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "sasl_ssl=127.0.0.1:29997" in result.stdout
