@@ -70,6 +70,17 @@ class NoLabelsError(ValidateError):
         )
 
 
+class EventTooCostlyError(ValidateError):
+    """Labels x text: the event would cost the model more tokens than one event may."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(
+            f"labels x text: the event would cost about {tokens} tokens, more than "
+            f"TAGSTREAM_MAX_EVENT_TOKENS={limit} (fewer labels or a shorter text)",
+            fields=("labels", "text"),
+        )
+
+
 class ScoresError(TagstreamError, ValueError):
     """Scores that break the output contract; the event goes to the dead-letter topic."""
 
@@ -88,6 +99,15 @@ class WarmUpError(TagstreamError):
 class DeviceError(TagstreamError):
     """The accelerator is in a state no retry clears (a sticky CUDA error): only a new
     process helps, so the worker stops instead of dead-lettering every later event."""
+
+
+class TransientScoreError(TagstreamError):
+    """A scorer's failure of the moment (a timeout, memory another process holds): the
+    event is scored again instead of dead-lettered. Scorers raise it for such failures."""
+
+
+class ScorerFailingError(TagstreamError):
+    """Most events fail for long enough that the model, not the input, is broken."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,10 @@ class FakeConsumer:
     # Asynchronous commits whose answer never comes (a broker that dropped the request).
     lose_async_results: bool = False
     closed: bool = False
+    # Assignments of each partition so far (records are stamped with it when polled).
+    generations: dict[PartitionKey, int] = field(default_factory=dict)
+    # Close as librdkafka does: revoke the assignment (rebalance callback) first.
+    revoke_on_close: bool = False
 
     # -- ConsumerClient ---------------------------------------------------------------------
 
@@ -64,8 +68,14 @@ class FakeConsumer:
             head = self.records[0]
             if head.partition_key in self.paused or head.partition_key not in self.assigned:
                 break
-            out.append(self.records.popleft())
+            polled = self.records.popleft()
+            if polled.generation == 0:  # a record the test did not stamp itself
+                polled = polled._replace(generation=self.generation(head.partition_key))
+            out.append(polled)
         return out
+
+    def generation(self, key: PartitionKey) -> int:
+        return self.generations.get(key, 0)
 
     def assignment(self) -> list[PartitionKey]:
         return list(self.assigned)
@@ -93,6 +103,9 @@ class FakeConsumer:
         return None
 
     def close(self) -> None:
+        if self.revoke_on_close and self.assigned and self.listener is not None:
+            self.listener.on_revoked(list(self.assigned))
+            self.assigned = []
         self.closed = True
 
     # -- what the test does -----------------------------------------------------------------
@@ -102,6 +115,8 @@ class FakeConsumer:
 
         def step() -> None:
             self.assigned.extend(keys)
+            for key in keys:
+                self.generations[key] = self.generation(key) + 1
             assert self.listener is not None
             self.listener.on_assigned(keys)
 
@@ -150,6 +165,8 @@ class FakeProducer:
     in_flight: list[Sent] = field(default_factory=list)
     written: list[Sent] = field(default_factory=list)
     closed: bool = False
+    # librdkafka's local queue size: produce() raises BufferError while it is full.
+    capacity: int | None = None
 
     def produce(
         self,
@@ -159,6 +176,8 @@ class FakeProducer:
         headers: OutHeaders,
         on_delivery: DeliveryReport,
     ) -> ClientError | None:
+        if self.capacity is not None and len(self.in_flight) >= self.capacity:
+            raise BufferError("Local: Queue full")
         self.in_flight.append(Sent(topic, key, value, headers, on_delivery))
         return None
 

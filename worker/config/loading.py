@@ -32,6 +32,7 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.settings import (
     ENV_PREFIX,
     BatchSettings,
+    CircuitSettings,
     DeliverySettings,
     KafkaSettings,
     ModelSettings,
@@ -52,6 +53,7 @@ class RunSettings:
     tagging: TaggingSettings
     batch: BatchSettings
     delivery: DeliverySettings
+    circuit: CircuitSettings
     shutdown: ShutdownSettings
     observability: ObservabilitySettings
 
@@ -65,6 +67,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "tagging": TaggingSettings,
     "batch": BatchSettings,
     "delivery": DeliverySettings,
+    "circuit": CircuitSettings,
     "shutdown": ShutdownSettings,
     "observability": ObservabilitySettings,
 }
@@ -170,6 +173,7 @@ def load_run_settings(
         tagging=build_section(TaggingSettings, file_values, given),
         batch=build_section(BatchSettings, file_values, given),
         delivery=build_section(DeliverySettings, file_values, given),
+        circuit=build_section(CircuitSettings, file_values, given),
         shutdown=build_section(ShutdownSettings, file_values, given),
         observability=build_section(ObservabilitySettings, file_values, given),
     )

@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.contract.events import (
@@ -31,6 +31,10 @@ DEFAULT_MODEL = "facebook/bart-large-mnli"
 # 1 GiB in half precision while leaving enough rows per pass to saturate a modern GPU.
 DEFAULT_MAX_BATCH_TOKENS = 16_384
 DEFAULT_THRESHOLD = 0.5
+# One event costs the model at most four full forward passes at the default token budget:
+# enough for 100 labels on a 600-token text, and a cap on label x text amplification when
+# the other limits are raised.
+DEFAULT_MAX_EVENT_TOKENS = 4 * DEFAULT_MAX_BATCH_TOKENS
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -83,7 +87,6 @@ class ModelSettings(_Base):
 class TaggingSettings(_Base):
     """How scores become tags, and the defaults for events that do not say."""
 
-    labels: CsvList = Field(default_factory=list, description="Default candidate labels.")
     multi_label: bool = True
     threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0.0, le=1.0)
     label_thresholds: dict[str, float] = Field(
@@ -102,6 +105,13 @@ class TaggingSettings(_Base):
     max_metadata_depth: int = Field(
         default=DEFAULT_MAX_METADATA_DEPTH, ge=1, description="Deepest metadata nesting."
     )
+    max_event_tokens: int = Field(
+        default=DEFAULT_MAX_EVENT_TOKENS,
+        ge=1,
+        description="Most tokens one event may cost the model: labels x (text + hypothesis).",
+    )
+    # After the limits it obeys: its validator reads them.
+    labels: CsvList = Field(default_factory=list, description="Default candidate labels.")
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -110,8 +120,19 @@ class TaggingSettings(_Base):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, value: list[str]) -> list[str]:
-        return check_labels(value, DEFAULT_MAX_LABELS * 10) if value else value
+    def _labels(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """The default labels obey the limits an event's own labels do."""
+        if not value:
+            return value
+        max_labels = info.data.get("max_labels", DEFAULT_MAX_LABELS)
+        max_label_chars = info.data.get("max_label_chars", DEFAULT_MAX_LABEL_CHARS)
+        try:
+            return check_labels(value, max_labels, max_label_chars)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (TAGSTREAM_MAX_LABELS={max_labels}, "
+                f"TAGSTREAM_MAX_LABEL_CHARS={max_label_chars})"
+            ) from None
 
     @field_validator("label_thresholds")
     @classmethod
@@ -144,6 +165,23 @@ DEFAULT_MAX_WAIT_MS = 50
 DEFAULT_MAX_IN_FLIGHT_BATCHES = 2
 # Committing once a second bounds the replay after a crash to about a second of input.
 DEFAULT_COMMIT_INTERVAL_MS = 1_000
+# A record librdkafka could not deliver within its own message.timeout.ms (5 min) is retried;
+# unwritten 10 minutes after its first failure, the topic is not coming back by itself.
+DEFAULT_RETRY_DEADLINE_S = 600.0
+# Per partition: what a crash may replay at most. 20k records are seconds of input at GPU
+# speed, far above the few batches a healthy worker has in flight.
+DEFAULT_MAX_UNCOMMITTED_RECORDS = 20_000
+# Per partition: a record not done after 5 minutes is stuck (a write being retried), not
+# slow; stop reading the partition further until it is done.
+DEFAULT_MAX_UNCOMMITTED_AGE_S = 300.0
+# The circuit judges the model on the last 200 events (a few batches): long enough that a
+# burst of bad input is not taken for a broken model, short enough to react in seconds.
+DEFAULT_CIRCUIT_WINDOW = 200
+# Half the traffic failing is not the events' fault.
+DEFAULT_CIRCUIT_FAILURE_SHARE = 0.5
+# Ten minutes of retries without a working model: stop and let the orchestrator (and its
+# alert on restarts) take over.
+DEFAULT_CIRCUIT_MAX_OPEN_S = 600.0
 # Long enough for a couple of GPU batches to finish, short enough not to stall the group.
 DEFAULT_REVOKE_TIMEOUT_MS = 10_000
 # Kubernetes sends SIGKILL 30 s after SIGTERM by default; stay at or under it.
@@ -285,9 +323,43 @@ class BatchSettings(_Base):
 
 
 class DeliverySettings(_Base):
-    """How often done offsets are committed."""
+    """How often done offsets are committed, and how far the commit may fall behind."""
 
     commit_interval_ms: int = Field(default=DEFAULT_COMMIT_INTERVAL_MS, ge=1)
+    retry_deadline_s: float = Field(
+        default=DEFAULT_RETRY_DEADLINE_S,
+        gt=0.0,
+        description="A record unwritten this long after its first failure stops the worker.",
+    )
+    max_uncommitted_records: int = Field(
+        default=DEFAULT_MAX_UNCOMMITTED_RECORDS,
+        ge=1,
+        description="Per partition: received records past the first not done that pause it.",
+    )
+    max_uncommitted_age_s: float = Field(
+        default=DEFAULT_MAX_UNCOMMITTED_AGE_S,
+        gt=0.0,
+        description="Per partition: age of the oldest record not done that pauses it.",
+    )
+
+
+class CircuitSettings(_Base):
+    """When failing events mean a failing model: stop dead-lettering, pause, retry."""
+
+    circuit_window: int = Field(
+        default=DEFAULT_CIRCUIT_WINDOW, ge=1, description="Last scored events counted."
+    )
+    circuit_failure_share: float = Field(
+        default=DEFAULT_CIRCUIT_FAILURE_SHARE,
+        gt=0.0,
+        le=1.0,
+        description="Share of failed events in the window that opens the circuit.",
+    )
+    circuit_max_open_s: float = Field(
+        default=DEFAULT_CIRCUIT_MAX_OPEN_S,
+        gt=0.0,
+        description="A circuit open this long stops the worker (fatal exit).",
+    )
 
 
 class ShutdownSettings(_Base):

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from worker.errors import TransientScoreError
+
 
 @dataclass(frozen=True, slots=True)
 class ScoreRequest:
@@ -47,14 +49,34 @@ class LabelScores:
 
 @dataclass(frozen=True, slots=True)
 class ScoreError:
-    """Why one event could not be scored (it goes to the dead-letter topic)."""
+    """Why one event could not be scored.
+
+    ``transient``: the failure is of the moment, not of the event (see
+    :func:`is_transient`); the event is scored again a few times before it is
+    dead-lettered. Otherwise it goes to the dead-letter topic at once.
+    """
 
     error_class: str
     message: str
+    transient: bool = False
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ScoreError:
-        return cls(error_class=type(exc).__name__, message=str(exc))
+        return cls(error_class=type(exc).__name__, message=str(exc), transient=is_transient(exc))
+
+
+# Exceptions that say nothing about the event, by class name, so that the contract does
+# not import torch: ``torch.cuda.OutOfMemoryError`` after the scorer has already halved
+# its token budget down to one pair means another tenant holds the memory right now.
+TRANSIENT_EXCEPTION_NAMES = frozenset({"OutOfMemoryError"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A timeout, a CUDA out-of-memory or a :class:`~worker.errors.TransientScoreError`."""
+    return (
+        isinstance(exc, (TimeoutError, TransientScoreError))
+        or type(exc).__name__ in TRANSIENT_EXCEPTION_NAMES
+    )
 
 
 ScoreOutcome = LabelScores | ScoreError

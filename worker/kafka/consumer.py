@@ -6,6 +6,13 @@ Rebalance callbacks run inside :meth:`KafkaConsumer.poll` on the calling thread.
 assigned partitions are assigned here, before the listener hears of them, so that the
 listener can pause them at once: incrementally for the cooperative and the KIP-848
 protocols, eagerly for ``range`` and ``roundrobin``.
+
+Every record is stamped with the *generation* of its partition's assignment: how many
+times the partition has been assigned to this consumer when the record is returned. A poll
+makes two ``consume()`` calls (see :meth:`KafkaConsumer.poll`); a rebalance inside the
+second one leaves the first one's record stamped with the previous generation, so the
+pipeline can tell it apart from the new assignment's records (librdkafka itself purges
+outdated records within one call only).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from worker.errors import KafkaFatalError
 from worker.kafka.errors import ClientError, client_error, fatal_error, is_fatal
@@ -80,6 +87,7 @@ class KafkaConsumer:
         )
         self._listener: RebalanceListener | None = None
         self._fatal: KafkaFatalError | None = None
+        self._generations: dict[PartitionKey, int] = {}
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         self._listener = listener
@@ -92,21 +100,22 @@ class KafkaConsumer:
 
         Raises :class:`KafkaFatalError` once the client reported a fatal error.
         """
-        records: list[InputRecord] = []
         # consume() waits until it has max_records or the timeout passed: wait for the first
-        # record only, then take what is already there.
-        messages = self._consumer.consume(num_messages=1, timeout=timeout_s)
-        if messages and max_records > 1:
-            messages += self._consumer.consume(num_messages=max_records - 1, timeout=0)
-        for message in messages:
-            error = message.error()
-            if error is None:
-                records.append(InputRecord.from_message(message))
-            else:
-                self._on_error(error)
+        # record only, then take what is already there. Each call's records are stamped
+        # right after it, with the generations its rebalance callbacks left.
+        first = self._consumer.consume(num_messages=1, timeout=timeout_s)
+        records = self._records(first)
+        if first and max_records > 1:
+            records += self._records(
+                self._consumer.consume(num_messages=max_records - 1, timeout=0)
+            )
         if self._fatal is not None:
             raise self._fatal
         return records
+
+    def generation(self, key: PartitionKey) -> int:
+        """How many times ``key`` has been assigned to this consumer (0: never)."""
+        return self._generations.get(key, 0)
 
     def assignment(self) -> list[PartitionKey]:
         return _keys(self._consumer.assignment())
@@ -159,7 +168,21 @@ class KafkaConsumer:
             self._fatal = fatal_error(f"commit failed: {error.str()}", error)
         return described
 
+    def _records(self, messages: list[Message]) -> list[InputRecord]:
+        records: list[InputRecord] = []
+        generations = self._generations
+        for message in messages:
+            error = message.error()
+            if error is None:
+                key = (message.topic() or "", message.partition() or 0)
+                records.append(InputRecord.from_message(message, generations.get(key, 0)))
+            else:
+                self._on_error(error)
+        return records
+
     def _assigned(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for key in _keys(partitions):
+            self._generations[key] = self._generations.get(key, 0) + 1
         if self._incremental:
             self._consumer.incremental_assign(partitions)
         else:

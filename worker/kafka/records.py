@@ -29,13 +29,17 @@ class InputRecord(NamedTuple):
     value: bytes | None
     headers: Headers
     timestamp_ms: int | None
+    # Which assignment of its partition this record was fetched under (counted by the
+    # consumer from 1): one fetched before a revoke and a new assignment of the same
+    # partition must not be applied to the new one.
+    generation: int = 0
 
     @property
     def partition_key(self) -> PartitionKey:
         return (self.topic, self.partition)
 
     @classmethod
-    def from_message(cls, message: Message) -> InputRecord:
+    def from_message(cls, message: Message, generation: int = 0) -> InputRecord:
         """Copy out of a consumed (error-free) message."""
         timestamp_type, timestamp = message.timestamp()
         partition, offset = message.partition(), message.offset()
@@ -50,6 +54,7 @@ class InputRecord(NamedTuple):
             message.value(),
             _headers(raw_headers) if raw_headers else (),
             None if timestamp_type == TIMESTAMP_NOT_AVAILABLE else timestamp,
+            generation,
         )
 
 

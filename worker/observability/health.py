@@ -64,6 +64,7 @@ class HealthState:
         self._waiting: set[Component] = set()
         self._model_ready = False
         self._joined = False
+        self._scorer_failing = False
         self._shutting_down = False
 
     # -- heartbeats --------------------------------------------------------------------------
@@ -121,6 +122,11 @@ class HealthState:
         with self._lock:
             self._joined = False
 
+    def mark_scorer_failing(self, failing: bool) -> None:
+        """The inference circuit opened (most events fail) or closed again."""
+        with self._lock:
+            self._scorer_failing = failing
+
     def mark_shutting_down(self) -> None:
         """Shutdown began: /readyz fails from now on; /healthz no longer checks heartbeats."""
         with self._lock:
@@ -158,15 +164,18 @@ class HealthState:
 
     def readiness(self) -> Check:
         with self._lock:
-            model_ready, joined, shutting_down = (
+            model_ready, joined, scorer_ok, shutting_down = (
                 self._model_ready,
                 self._joined,
+                not self._scorer_failing,
                 self._shutting_down,
             )
         if shutting_down:
             return Check(ok=False, body={"status": "shutting_down"})
         waiting_for = [
-            name for name, done in (("model", model_ready), ("group", joined)) if not done
+            name
+            for name, done in (("model", model_ready), ("group", joined), ("scorer", scorer_ok))
+            if not done
         ]
         if waiting_for:
             return Check(ok=False, body={"status": "not_ready", "waiting_for": waiting_for})

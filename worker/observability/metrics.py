@@ -11,8 +11,9 @@ The record counters form a ledger. Every record the consumer hands the worker is
 * ``tagstream_events_dead_lettered_total{stage,error_class}``: its dead-letter record was
   acknowledged by the broker;
 * ``tagstream_events_discarded_total{reason}``: the worker dropped it without writing anything:
-  ``not_assigned`` / ``seen`` (polled for a partition it does not hold, or an offset it already
-  received), ``revoked`` / ``lost`` (its partition went away before its result was written;
+  ``not_assigned`` / ``seen`` / ``stale`` (polled for a partition it does not hold, an offset it
+  already received, or a record fetched under a previous assignment of its partition),
+  ``revoked`` / ``lost`` (its partition went away before its result was written;
   the next owner processes it), ``shutdown`` (the worker stopped before processing it).
 
 So, per worker and summed over labels, whenever no work is in flight (the input drained, or
@@ -160,7 +161,7 @@ class WorkerMetrics:
         self._discarded = Counter(
             metric_name("events_discarded"),
             "Consumed records dropped without output or dead-letter record, by reason "
-            "(not_assigned, seen, revoked, lost, shutdown).",
+            "(not_assigned, seen, stale, revoked, lost, shutdown).",
             ["reason"],
             registry=reg,
         )
@@ -244,6 +245,21 @@ class WorkerMetrics:
         self._paused = Gauge(
             metric_name("paused_partitions"),
             "Assigned partitions paused for backpressure.",
+            registry=reg,
+        )
+        self._oldest_pending = Gauge(
+            metric_name("oldest_pending_seconds"),
+            "Age of the oldest consumed record whose output is not acknowledged yet.",
+            registry=reg,
+        )
+        self._uncommitted_window = Gauge(
+            metric_name("uncommitted_window_messages"),
+            "Largest per-partition count of records a crash would replay.",
+            registry=reg,
+        )
+        self._circuit_open = Gauge(
+            metric_name("circuit_open"),
+            "1 while most events fail to score (nothing dead-lettered, input paused).",
             registry=reg,
         )
         self._assigned = Gauge(
@@ -341,6 +357,13 @@ class WorkerMetrics:
 
     def set_paused(self, n: int) -> None:
         self._paused.set(n)
+
+    def set_uncommitted_window(self, oldest_pending_s: float, largest_window: int) -> None:
+        self._oldest_pending.set(oldest_pending_s)
+        self._uncommitted_window.set(largest_window)
+
+    def set_circuit_open(self, is_open: bool) -> None:
+        self._circuit_open.set(1 if is_open else 0)
 
     def set_model_info(self, info: ModelInfo) -> None:
         self._model_info.info(

@@ -120,6 +120,14 @@ class MetricsObserver(Observer):
     def resumed(self, partitions: int) -> None:
         self.metrics.set_paused(0)
 
+    def uncommitted_window(self, oldest_pending_s: float, largest_window: int) -> None:
+        self.metrics.set_uncommitted_window(oldest_pending_s, largest_window)
+
+    def circuit_changed(self, is_open: bool, failure_share: float) -> None:
+        self.metrics.set_circuit_open(is_open)
+        if self.health is not None:
+            self.health.mark_scorer_failing(is_open)
+
     def loop_iteration(self) -> None:
         if self.health is not None:
             self.health.beat_poll()

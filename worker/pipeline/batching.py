@@ -179,6 +179,11 @@ class Handoff:
             self._in_flight -= 1
             self._condition.notify_all()
 
+    def wait_closed(self, timeout_s: float) -> bool:
+        """Inference thread: wait up to ``timeout_s`` for :meth:`close`; True if closed."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._closed, timeout_s)
+
     def close(self, *, discard_queued: bool = False) -> None:
         """No more batches; the inference thread stops after the queued ones (or at once)."""
         with self._condition:

@@ -4,10 +4,19 @@ Any thread may :meth:`ProducerStage.send`; only the main thread calls
 :meth:`ProducerStage.serve` (the commit's "flush outputs" and "confirm delivery" steps are
 repeated calls of it), so delivery callbacks, retries and offset bookkeeping all run there.
 
+No thread ever waits for room in librdkafka's local queue: a record it refuses as full
+joins a backlog, in order (later records queue behind it), that :meth:`ProducerStage.serve`
+drains as acknowledgements make room; meanwhile :attr:`ProducerStage.congested` tells the
+worker to pause its input, so the backlog is bounded by what was already consumed and the
+main thread keeps serving the group protocol and signals.
+
 What happens to a record the broker did not take:
 
-* transient error (broker down, timeout, leader moving): sent again after an
-  exponential backoff, as often as it takes; never dead-lettered;
+* transient error (broker down, timeout, leader moving, topic missing): sent again after
+  an exponential backoff; never dead-lettered. A record still unwritten
+  ``retry_deadline_s`` after its first failure stops the worker with a message that
+  names the topic and the error: the partition cannot move on without it, and a restart
+  with an operator watching is better than a worker silently stuck;
 * too large: sent once more alone (a batch can be too large because of its neighbours);
   a scored event that is too large on its own dead-letters its input (stage
   ``produce``); a dead-letter record that is too large is replaced by a bounded stub
@@ -40,7 +49,7 @@ from typing import Any, Final, Literal, Protocol, cast
 
 import structlog
 
-from worker.config.settings import KafkaSettings
+from worker.config.settings import DEFAULT_RETRY_DEADLINE_S, KafkaSettings
 from worker.contract.deadletter import (
     Failure,
     Header,
@@ -66,8 +75,6 @@ RETRY_BACKOFF_INITIAL_S: Final = 0.1
 RETRY_BACKOFF_MAX_S: Final = 30.0
 # +-20 % jitter keeps many workers from retrying in lockstep after a shared outage.
 RETRY_JITTER: Final = 0.2
-# How long a thread waits for librdkafka's local queue to drain when it is full.
-QUEUE_FULL_WAIT_S: Final = 0.05
 
 RecordKind = Literal["output", "dead_letter"]
 # Called (main or inference thread) for a record this worker gives up on because its
@@ -119,6 +126,8 @@ class Outbound:
     failure: Failure | None = None
     # A bounded stand-in for a dead-letter record the broker refused (no value).
     stub: bool = False
+    # When a delivery of this record first failed with a transient error (monotonic).
+    first_failure_at: float | None = None
 
 
 def backoff_delay(attempt: int) -> float:
@@ -152,6 +161,7 @@ class ProducerStage:
         client_config: Mapping[str, Any] | None = None,
         on_abandoned: AbandonHook | None = None,
         producer_factory: ProducerFactory = connect,
+        retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S,
     ) -> None:
         self._kafka = kafka
         self._connect = producer_factory
@@ -162,7 +172,10 @@ class ProducerStage:
         self._dead_letter_topic = kafka.dead_letter_topic
         self._producer = self._connect(self._config(producer_config(kafka)), self._on_client_error)
         self._solo: ProducerClient | None = None
-        self._serving_thread = threading.get_ident()
+        self._retry_deadline_s = retry_deadline_s
+        # Records librdkafka's queue had no room for, oldest first (any thread appends).
+        self._backlog: deque[Outbound] = deque()
+        self._backlog_lock = threading.Lock()
         self._failed_sends: deque[tuple[Outbound, ClientError]] = deque()
         self._retries: list[tuple[float, int, Outbound]] = []
         self._sequence = itertools.count()
@@ -171,24 +184,17 @@ class ProducerStage:
     # -- any thread ---------------------------------------------------------------------
 
     def send(self, record: Outbound) -> None:
-        """Hand a record to librdkafka; failures are handled on the main thread."""
-        producer = self._solo_producer() if record.solo else self._producer
+        """Hand a record to librdkafka, or to the backlog when its queue is full (never
+        waits); failures are handled on the main thread."""
         record.attempts += 1
-        while True:
-            try:
-                error = producer.produce(
-                    record.topic,
-                    record.key,
-                    record.value,
-                    record.headers,
-                    lambda error: self._on_delivery(record, error),
-                )
-            except BufferError:
-                self._wait_for_queue_room(producer)
-                continue
-            if error is not None:
-                self._failed_sends.append((record, error))
-            return
+        with self._backlog_lock:
+            if self._backlog or not self._produce(record):
+                self._backlog.append(record)
+
+    @property
+    def congested(self) -> bool:
+        """Records wait for room in librdkafka's queue: the input should pause."""
+        return bool(self._backlog)
 
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
         """Send the input, unchanged, to the dead-letter topic."""
@@ -218,10 +224,12 @@ class ProducerStage:
     # -- main thread --------------------------------------------------------------------
 
     def serve(self, timeout_s: float = 0.0) -> None:
-        """Run delivery callbacks, handle failed sends, and resend due retries."""
+        """Run delivery callbacks, drain the backlog into the room they made, handle
+        failed sends, and resend due retries."""
         self._producer.poll(timeout_s)
         if self._solo is not None:
             self._solo.poll(0)
+        self._drain_backlog()
         while self._failed_sends:
             record, error = self._failed_sends.popleft()
             self._handle_failure(record, error)
@@ -230,7 +238,7 @@ class ProducerStage:
     def outstanding(self) -> int:
         """Records not acknowledged yet (queued in librdkafka or waiting for a retry)."""
         queued = len(self._producer) + (len(self._solo) if self._solo is not None else 0)
-        return queued + len(self._retries) + len(self._failed_sends)
+        return queued + len(self._backlog) + len(self._retries) + len(self._failed_sends)
 
     def next_retry_in(self) -> float | None:
         """Seconds until the next retry is due, if any is scheduled."""
@@ -254,11 +262,28 @@ class ProducerStage:
             self._solo = self._connect(config, self._on_client_error)
         return self._solo
 
-    def _wait_for_queue_room(self, producer: ProducerClient) -> None:
-        if threading.get_ident() == self._serving_thread:
-            producer.poll(QUEUE_FULL_WAIT_S)
-        else:
-            time.sleep(QUEUE_FULL_WAIT_S)
+    def _produce(self, record: Outbound) -> bool:
+        """One try to queue the record in librdkafka; ``False`` if its queue is full.
+        Called with the backlog lock held, so records enter the queue in order."""
+        producer = self._solo_producer() if record.solo else self._producer
+        try:
+            error = producer.produce(
+                record.topic,
+                record.key,
+                record.value,
+                record.headers,
+                lambda error: self._on_delivery(record, error),
+            )
+        except BufferError:
+            return False
+        if error is not None:
+            self._failed_sends.append((record, error))
+        return True
+
+    def _drain_backlog(self) -> None:
+        with self._backlog_lock:
+            while self._backlog and self._produce(self._backlog[0]):
+                self._backlog.popleft()
 
     def _on_client_error(self, error: ClientError) -> None:
         if error.fatal:
@@ -337,8 +362,23 @@ class ProducerStage:
         self.send(stub)
 
     def _schedule_retry(self, record: Outbound, error: ClientError) -> None:
-        delay = backoff_delay(record.attempts)
+        now = time.monotonic()
+        if record.first_failure_at is None:
+            record.first_failure_at = now
+        failing_for = now - record.first_failure_at
         source = record.origin.record
+        if failing_for >= self._retry_deadline_s:
+            self._fail(
+                f"{record.topic} has refused the {record.kind.replace('_', '-')} record of "
+                f"{source.topic}[{source.partition}]@{source.offset} for {failing_for:.1f} s "
+                f"(last error: {error.message}); stopping after "
+                f"TAGSTREAM_RETRY_DEADLINE_S={self._retry_deadline_s:g}: its offset stays "
+                "uncommitted, so the input is processed again after the restart",
+                error,
+                record,
+            )
+            return
+        delay = backoff_delay(record.attempts)
         log.warning(
             "transient produce error, retrying",
             destination=record.topic,

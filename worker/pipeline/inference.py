@@ -7,6 +7,14 @@ dead-lettered (stage ``inference``); the others are scored normally. A batch of 
 fails dead-letters its event at once. Only a :class:`~worker.errors.DeviceError` (a sticky
 CUDA error: every later call would fail too) ends the thread, and so the worker.
 
+Two kinds of failure are not the event's fault and are not dead-lettered at once:
+
+* a *transient* one (:func:`~worker.contract.scorer.is_transient`: a timeout, CUDA memory
+  another process holds): the event is scored again, ``TRANSIENT_RETRIES`` times with a
+  growing pause, and dead-lettered only if it still fails;
+* most events failing (:mod:`worker.pipeline.circuit`): the batch is kept and retried with
+  a backoff while the input pauses, until the model works again or the circuit gives up.
+
 Events of a partition revoked while their batch waited are skipped (and reported through
 ``on_abandoned``): the partition's new owner scores them.
 
@@ -25,14 +33,15 @@ from typing import Final
 
 import structlog
 
-from worker.config.settings import TaggingSettings
+from worker.config.settings import CircuitSettings, TaggingSettings
 from worker.contract.codec import encode_output
 from worker.contract.deadletter import Failure, Stage, source_headers
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
-from worker.errors import DeviceError, WarmUpError
+from worker.errors import DeviceError, ScorerFailingError, WarmUpError
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
+from worker.pipeline.circuit import CircuitBreaker
 from worker.pipeline.delivery import AbandonHook, Outbound, ProducerStage, abandon_as_revoked
-from worker.pipeline.observer import Observer
+from worker.pipeline.observer import DiscardReason, Observer
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +51,11 @@ THREAD_NAME = "tagstream-inference"
 WARM_UP_TEXT: Final = "Tagstream warm-up: the model scores one short sentence before it starts."
 # Used when no default labels are configured (the events bring their own).
 WARM_UP_LABEL: Final = "warm-up"
+# An event failing transiently is scored again this many times before it is dead-lettered:
+# memory pressure from another tenant or a slow dependency passes within seconds.
+TRANSIENT_RETRIES: Final = 3
+# Pause before the first transient retry; doubled for each one after (0.5 s, 1 s, 2 s).
+TRANSIENT_RETRY_DELAY_S: Final = 0.5
 
 
 def warm_up(scorer: Scorer, tagging: TaggingSettings) -> None:
@@ -78,8 +92,10 @@ class InferenceStage:
         output_topic: str,
         observer: Observer,
         on_abandoned: AbandonHook | None = None,
+        circuit: CircuitSettings | None = None,
     ) -> None:
         self._scorer = scorer
+        self._circuit = CircuitBreaker(circuit or CircuitSettings())
         self._handoff = handoff
         self._producer = producer
         self._tagging = tagging
@@ -92,6 +108,11 @@ class InferenceStage:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def circuit_open(self) -> bool:
+        """Most events fail: the input should pause (read by the main thread)."""
+        return self._circuit.is_open
 
     def join(self, timeout_s: float) -> bool:
         """Wait for the thread to end (after :meth:`Handoff.close`); False on timeout."""
@@ -120,8 +141,91 @@ class InferenceStage:
         if not items:
             log.debug("batch skipped: its partitions were revoked", size=len(batch))
             return
+        scored = self._score_until_healthy(items, batch)
+        if scored is None:
+            return
+        items, outcomes = scored
+        scored_at = datetime.now(UTC)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if item.origin.active:
+                self._emit(item, outcome, scored_at)
+            else:
+                self._on_abandoned(item.origin)
+
+    def _score_until_healthy(
+        self, items: list[PendingEvent], batch: Batch
+    ) -> tuple[list[PendingEvent], list[ScoreOutcome]] | None:
+        """Score the items; while the circuit says the model is failing, keep them and try
+        again after a backoff. None: the worker is stopping, or every item's partition went
+        elsewhere meanwhile. Raises :class:`ScorerFailingError` when the circuit gives up."""
+        while True:
+            outcomes = self._score_batch(items, batch)
+            failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
+            if not self._circuit.would_trip(len(items), failed):
+                if self._circuit.is_open:
+                    log.warning("scorer recovered, circuit closed", failed=failed, size=len(items))
+                    self._circuit.record(len(items), failed)
+                    self._observer.circuit_changed(False, self._circuit.failure_share)
+                else:
+                    self._circuit.record(len(items), failed)
+                return items, outcomes
+            if not self._hold(items, failed, outcomes):
+                return None
+            items = self._active(items)
+            if not items:
+                return None
+
+    def _hold(
+        self, items: Sequence[PendingEvent], failed: int, outcomes: Sequence[ScoreOutcome]
+    ) -> bool:
+        """The circuit is open: wait a backoff before the batch is scored again. False when
+        the worker stops meanwhile (the batch stays uncommitted for the next owner)."""
+        first_error = next(o for o in outcomes if isinstance(o, ScoreError))
+        if not self._circuit.is_open:
+            self._circuit.open()
+            self._observer.circuit_changed(True, failed / len(items))
+        if self._circuit.gave_up():
+            raise ScorerFailingError(
+                f"{failed} of {len(items)} events still fail to score after "
+                f"{self._circuit.open_for():.0f} s of retries (TAGSTREAM_CIRCUIT_MAX_OPEN_S): "
+                f"{first_error.error_class}: {first_error.message[:200]}; nothing was "
+                "dead-lettered, the batch stays uncommitted"
+            )
+        delay = self._circuit.next_backoff()
+        log.error(
+            "scorer failing: batch kept, input paused, retrying",
+            failed=failed,
+            size=len(items),
+            error_class=first_error.error_class,
+            error=first_error.message[:200],
+            retry_in_s=delay,
+            open_for_s=round(self._circuit.open_for(), 1),
+        )
+        with self._observer.waiting_for_batch():
+            stopping = self._handoff.wait_closed(delay)
+        if stopping:
+            for item in items:
+                key = item.origin.record.partition_key
+                self._observer.record_discarded(key, DiscardReason.SHUTDOWN)
+        return not stopping
+
+    def _score_batch(self, items: Sequence[PendingEvent], batch: Batch) -> list[ScoreOutcome]:
+        """One scorer call for the batch, then retries of its transient failures."""
         started = time.monotonic()
-        outcomes = self._score([item.request for item in items])
+        requests = [item.request for item in items]
+        outcomes = self._score(requests)
+        for attempt in range(TRANSIENT_RETRIES):
+            retry = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreError) and o.transient]
+            if not retry:
+                break
+            delay = TRANSIENT_RETRY_DELAY_S * 2**attempt
+            log.warning("transient scoring failure, retrying", events=len(retry), delay_s=delay)
+            if self._handoff.wait_closed(delay):
+                break
+            for index, outcome in zip(
+                retry, self._score([requests[i] for i in retry]), strict=True
+            ):
+                outcomes[index] = outcome
         duration_s = time.monotonic() - started
         failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
         self._observer.batch_scored(len(items), failed, duration_s)
@@ -133,12 +237,7 @@ class InferenceStage:
             tokens=batch.tokens,
             duration_s=round(duration_s, 4),
         )
-        scored_at = datetime.now(UTC)
-        for item, outcome in zip(items, outcomes, strict=True):
-            if item.origin.active:
-                self._emit(item, outcome, scored_at)
-            else:
-                self._on_abandoned(item.origin)
+        return outcomes
 
     def _active(self, items: Sequence[PendingEvent]) -> list[PendingEvent]:
         """The items whose partition is still assigned; the others are abandoned."""

@@ -34,6 +34,8 @@ class ConsumerClient(Protocol):
 
     def assignment(self) -> list[PartitionKey]: ...
 
+    def generation(self, key: PartitionKey) -> int: ...
+
     def pause(self, keys: Sequence[PartitionKey]) -> None: ...
 
     def resume(self, keys: Sequence[PartitionKey]) -> None: ...
@@ -46,13 +48,38 @@ class ConsumerClient(Protocol):
 
 
 class Intake:
-    """The worker's input: one consumer, paused as a whole or not at all."""
+    """The worker's input: one consumer, whose partitions are paused for named reasons.
+
+    A reason holds either the whole input (the model or the producer is behind, the
+    worker is stopping) or single partitions (one partition's uncommitted window is
+    full). A partition is fetched only while nothing holds it; newly assigned
+    partitions start in the state the current reasons give them.
+    """
 
     def __init__(self, consumer: ConsumerClient, observer: Observer) -> None:
         self.consumer = consumer
         self._observer = observer
         self._listener: RebalanceListener | None = None
-        self.paused = False
+        # Reasons that hold every partition, and those that hold single ones.
+        self._holds: set[str] = set()
+        self._partition_holds: dict[PartitionKey, set[str]] = {}
+        # What the consumer has paused now, so that only changes reach it.
+        self._paused: set[PartitionKey] = set()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the whole input is held."""
+        return bool(self._holds)
+
+    @property
+    def paused_partitions(self) -> frozenset[PartitionKey]:
+        return frozenset(self._paused)
+
+    def holds(self, key: PartitionKey | None = None) -> frozenset[str]:
+        """The reasons holding the whole input, or (with ``key``) that partition alone."""
+        if key is None:
+            return frozenset(self._holds)
+        return frozenset(self._partition_holds.get(key, ()))
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         self._listener = listener
@@ -63,21 +90,38 @@ class Intake:
         return self.consumer.poll(max_records, timeout_s)
 
     def pause(self, reason: str) -> None:
-        """Stop fetching every assigned partition (and those assigned later) until resumed."""
-        if not self.paused:
-            self.paused = True
-            partitions = self.consumer.assignment()
-            self.consumer.pause(partitions)
-            log.info("input paused", reason=reason, partitions=len(partitions))
-            self._observer.paused(len(partitions))
+        """Hold every assigned partition (and those assigned later) until ``reason`` is
+        released."""
+        if reason not in self._holds:
+            self._holds.add(reason)
+            log.info("input paused", reason=reason)
+            self._apply()
 
-    def resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            partitions = self.consumer.assignment()
-            self.consumer.resume(partitions)
-            log.info("input resumed", partitions=len(partitions))
-            self._observer.resumed(len(partitions))
+    def resume(self, reason: str) -> None:
+        """Release ``reason``; partitions nothing else holds are fetched again."""
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if self._holds:
+                log.info("input pause released", reason=reason, still_held_by=sorted(self._holds))
+            else:
+                log.info("input resumed", reason=reason)
+            self._apply()
+
+    def pause_partition(self, key: PartitionKey, reason: str) -> None:
+        reasons = self._partition_holds.setdefault(key, set())
+        if reason not in reasons:
+            reasons.add(reason)
+            log.info("partition paused", partition=describe_partitions([key]), reason=reason)
+            self._apply()
+
+    def resume_partition(self, key: PartitionKey, reason: str) -> None:
+        reasons = self._partition_holds.get(key)
+        if reasons is not None and reason in reasons:
+            reasons.discard(reason)
+            if not reasons:
+                del self._partition_holds[key]
+            log.info("partition pause released", partition=describe_partitions([key]))
+            self._apply()
 
     def discard(self, timeout_s: float) -> int:
         """Poll without keeping the records (a stopping worker still serves the group
@@ -100,32 +144,61 @@ class Intake:
         if keys:
             # librdkafka keeps a partition's pause flag across unassign/assign: one that was
             # revoked while paused would come back paused. Set the current state explicitly.
-            if self.paused:
-                self.consumer.pause(keys)
-                self._observer.paused(len(self.consumer.assignment()))
-            else:
-                self.consumer.resume(keys)
+            held = [key for key in keys if self._is_held(key)]
+            free = [key for key in keys if not self._is_held(key)]
+            if held:
+                self.consumer.pause(held)
+                self._paused.update(held)
+            if free:
+                self.consumer.resume(free)
+                self._paused.difference_update(free)
+            self._observer.paused(len(self._paused))
         self._observer.rebalance("assigned", keys)
         if self._listener is not None:
             self._listener.on_assigned(keys)
 
     def on_revoked(self, keys: list[PartitionKey]) -> None:
         log.info("partitions revoked", partitions=describe_partitions(keys))
-        self._report_paused_without(keys)
+        self._forget(keys)
         self._observer.rebalance("revoked", keys)
         if self._listener is not None:
             self._listener.on_revoked(keys)
 
     def on_lost(self, keys: list[PartitionKey]) -> None:
         log.warning("partitions lost", partitions=describe_partitions(keys))
-        self._report_paused_without(keys)
+        self._forget(keys)
         self._observer.rebalance("lost", keys)
         if self._listener is not None:
             self._listener.on_lost(keys)
 
-    def _report_paused_without(self, keys: list[PartitionKey]) -> None:
-        """While paused, the paused-partitions gauge follows the shrinking assignment (the
-        partitions leave the assignment only after this callback returns)."""
-        if self.paused:
-            remaining = set(self.consumer.assignment()) - set(keys)
-            self._observer.paused(len(remaining))
+    # -- internals --------------------------------------------------------------------------
+
+    def _is_held(self, key: PartitionKey) -> bool:
+        return bool(self._holds) or key in self._partition_holds
+
+    def _apply(self) -> None:
+        """Bring the consumer's paused partitions in line with the holds."""
+        assigned = self.consumer.assignment()
+        wanted = {key for key in assigned if self._is_held(key)}
+        to_pause = sorted(wanted - self._paused)
+        to_resume = sorted(key for key in self._paused - wanted if key in assigned)
+        if to_pause:
+            self.consumer.pause(to_pause)
+        if to_resume:
+            self.consumer.resume(to_resume)
+        if to_pause or to_resume or self._paused != wanted:
+            self._paused = wanted
+            if wanted:
+                self._observer.paused(len(wanted))
+            else:
+                self._observer.resumed(len(assigned))
+
+    def _forget(self, keys: list[PartitionKey]) -> None:
+        """The partitions leave the assignment after this callback: drop their holds, and
+        let the paused-partitions gauge follow the shrinking assignment."""
+        for key in keys:
+            self._partition_holds.pop(key, None)
+        before = len(self._paused)
+        self._paused.difference_update(keys)
+        if len(self._paused) != before:
+            self._observer.paused(len(self._paused))

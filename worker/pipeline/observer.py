@@ -30,6 +30,8 @@ class DiscardReason(enum.StrEnum):
     NOT_ASSIGNED = "not_assigned"
     # An offset at or below one already received in this assignment (a refetch).
     SEEN = "seen"
+    # Fetched under a previous assignment of its partition; the current one fetches it again.
+    STALE = "stale"
     # Its partition was revoked before its result was written; the next owner redoes it.
     REVOKED = "revoked"
     # Its partition was lost (the group moved on); the next owner redoes it.
@@ -76,6 +78,14 @@ class Observer:
 
     def rebalance(self, kind: str, partitions: Sequence[PartitionKey]) -> None:
         """Main thread: partitions ``assigned``, ``revoked`` or ``lost``."""
+
+    def uncommitted_window(self, oldest_pending_s: float, largest_window: int) -> None:
+        """Main thread, every few loop turns: the age of the oldest record not done yet and
+        the largest uncommitted window (records), over the assigned partitions."""
+
+    def circuit_changed(self, is_open: bool, failure_share: float) -> None:
+        """Inference thread: the circuit opened (most events fail: nothing is dead-lettered,
+        the input pauses) or closed again."""
 
     def paused(self, partitions: int) -> None:
         """Main thread: fetching is paused; ``partitions`` are paused now."""

@@ -15,8 +15,9 @@ Not thread-safe: only the worker's main thread calls it (delivery callbacks run 
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from worker.kafka.records import InputRecord, PartitionKey
@@ -25,18 +26,37 @@ from worker.kafka.records import InputRecord, PartitionKey
 class PartitionOffsets:
     """The received and done offsets of one partition during one assignment."""
 
-    __slots__ = ("_last_received", "_order", "_waiting", "active", "committed", "key", "sent")
+    __slots__ = (
+        "_clock",
+        "_last_received",
+        "_order",
+        "_waiting",
+        "active",
+        "committed",
+        "generation",
+        "key",
+        "sent",
+    )
 
-    def __init__(self, key: PartitionKey) -> None:
+    def __init__(
+        self,
+        key: PartitionKey,
+        clock: Callable[[], float] = time.monotonic,
+        generation: int = 0,
+    ) -> None:
         self.key = key
+        # The consumer's count of this partition's assignments (InputRecord.generation).
+        self.generation = generation
+        self._clock = clock
         self.active = True
         # The last position the broker confirmed, and one sent but not yet confirmed:
         # kept apart, so a revoke or a shutdown commits whatever the broker has not
         # confirmed even when an asynchronous commit of it is still on its way (or lost).
         self.committed: int | None = None
         self.sent: int | None = None
-        # Received offsets from the first one not done yet, in arrival (= offset) order.
-        self._order: deque[int] = deque()
+        # Received offsets (and when, by the clock) from the first one not done yet, in
+        # arrival (= offset) order: the uncommitted window.
+        self._order: deque[tuple[int, float]] = deque()
         # The offsets in _order that are not done yet.
         self._waiting: set[int] = set()
         self._last_received: int | None = None
@@ -45,6 +65,17 @@ class PartitionOffsets:
     def pending(self) -> int:
         """Received offsets that are not done yet."""
         return len(self._waiting)
+
+    @property
+    def window(self) -> int:
+        """Received offsets from the first one not done on: what a crash would replay."""
+        return len(self._order)
+
+    def oldest_pending_age(self) -> float:
+        """Seconds since the oldest offset not done yet was received (0 when none is)."""
+        if not self._order:
+            return 0.0
+        return max(0.0, self._clock() - self._order[0][1])
 
     def receive(self, offset: int) -> bool:
         """Record a consumed offset; ``False`` (ignore the record) if it is not new.
@@ -56,7 +87,7 @@ class PartitionOffsets:
         """
         if self._last_received is not None and offset <= self._last_received:
             return False
-        self._order.append(offset)
+        self._order.append((offset, self._clock()))
         self._waiting.add(offset)
         self._last_received = offset
         return True
@@ -67,21 +98,21 @@ class PartitionOffsets:
         if offset not in self._waiting:
             return
         self._waiting.remove(offset)
-        while self._order and self._order[0] not in self._waiting:
+        while self._order and self._order[0][0] not in self._waiting:
             self._order.popleft()
 
     def truncate_from(self, offset: int) -> None:
         """Forget received offsets ``>= offset``: this worker will not process them, the
         next owner of the partition will (they are not committed)."""
-        while self._order and self._order[-1] >= offset:
-            self._waiting.discard(self._order.pop())
+        while self._order and self._order[-1][0] >= offset:
+            self._waiting.discard(self._order.pop()[0])
         if self._last_received is not None and self._last_received >= offset:
             self._last_received = offset - 1
 
     def position(self) -> int | None:
         """The offset to commit: the first one not done, else the last received + 1."""
         if self._order:
-            return self._order[0]
+            return self._order[0][0]
         return None if self._last_received is None else self._last_received + 1
 
     def commit_due(self, *, unconfirmed: bool = False) -> int | None:
@@ -104,8 +135,9 @@ class PartitionOffsets:
 class OffsetTracker:
     """Per-partition offset state of the current assignment."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._partitions: dict[PartitionKey, PartitionOffsets] = {}
+        self._clock = clock
 
     def __contains__(self, key: PartitionKey) -> bool:
         return key in self._partitions
@@ -117,13 +149,20 @@ class OffsetTracker:
     def keys(self) -> list[PartitionKey]:
         return list(self._partitions)
 
-    def assign(self, keys: Iterable[PartitionKey]) -> None:
-        """Start tracking newly assigned partitions from a clean slate."""
+    def states(self) -> list[PartitionOffsets]:
+        return list(self._partitions.values())
+
+    def assign(
+        self, keys: Iterable[PartitionKey], generation: Callable[[PartitionKey], int] | None = None
+    ) -> None:
+        """Start tracking newly assigned partitions from a clean slate; ``generation`` gives
+        each one's assignment count, which its records carry."""
         for key in keys:
             previous = self._partitions.get(key)
             if previous is not None:
                 previous.active = False
-            self._partitions[key] = PartitionOffsets(key)
+            stamp = 0 if generation is None else generation(key)
+            self._partitions[key] = PartitionOffsets(key, self._clock, stamp)
 
     def remove(self, keys: Iterable[PartitionKey]) -> list[PartitionOffsets]:
         """Stop tracking partitions (revoked or lost); their in-flight work is now stale."""

@@ -29,7 +29,7 @@ from worker.config.loading import RunSettings
 from worker.contract.codec import decode_input, to_request
 from worker.contract.deadletter import Failure, Stage, WorkerIdentity
 from worker.contract.scorer import Scorer
-from worker.errors import EventError, KafkaFatalError
+from worker.errors import EventError, EventTooCostlyError, KafkaFatalError, TagstreamError
 from worker.exit_codes import EXIT_FATAL, EXIT_OK
 from worker.kafka.config import consumer_config as _consumer_config
 from worker.kafka.consumer import CommitOutcome, CommitResult, KafkaConsumer
@@ -38,6 +38,7 @@ from worker.kafka.records import InputRecord, PartitionKey, describe_partitions
 from worker.pipeline.batching import Batch, Batcher, Handoff, PendingEvent
 from worker.pipeline.commit import Committer
 from worker.pipeline.delivery import ProducerFactory, ProducerStage, connect
+from worker.pipeline.flow import FlowControl
 from worker.pipeline.inference import InferenceStage
 from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
@@ -54,11 +55,6 @@ POLL_IDLE_TIMEOUT_S: Final = 0.1
 # Poll timeout while a closed batch waits for room in the inference queue, so it is handed
 # over soon after the model finishes one.
 POLL_WAITING_TIMEOUT_S: Final = 0.005
-# Closed batches that have waited this long for the model pause the input: the model is
-# slower than the input, not merely busy with the previous batch.
-BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
-# Bound on records held in closed batches while the model is busy (x max_batch_size events).
-MAX_WAITING_BATCHES: Final = 16
 # A fatal stop still waits this long for acknowledgements that are already on their way.
 FATAL_DRAIN_S: Final = 1.0
 
@@ -109,6 +105,7 @@ class Worker:
             client_config=client_config,
             on_abandoned=self._abandoned,
             producer_factory=producer_factory,
+            retry_deadline_s=settings.delivery.retry_deadline_s,
         )
         batch = settings.batch
         self.batcher = Batcher(
@@ -126,6 +123,7 @@ class Worker:
             output_topic=settings.kafka.output_topic,
             observer=self.observer,
             on_abandoned=self._abandoned,
+            circuit=settings.circuit,
         )
         kafka = settings.kafka
         incremental = (
@@ -144,8 +142,11 @@ class Worker:
             self.observer,
             interval_s=settings.delivery.commit_interval_ms / 1000,
         )
+        self.flow = FlowControl(self.intake, self.tracker, self.observer, settings.delivery)
         self._stop_requested = False
-        self._blocked_since: float | None = None
+        # Set once the final commit is done: closing the consumer then revokes every
+        # partition once more, and that revoke must not wait for in-flight work again.
+        self._settled = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -176,6 +177,7 @@ class Worker:
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
+        self.control_flow()
         self.committer.commit_if_due()
         self.check_health()
 
@@ -190,7 +192,7 @@ class Worker:
         """
         deadline = time.monotonic() + self.settings.shutdown.shutdown_timeout_s
         self.observer.stopping()
-        self.intake.pause("stopping")
+        self.flow.stop()
         dropped = self._abandon_unstarted(self.tracker.keys, DiscardReason.SHUTDOWN)
         log.info("stopping", in_flight_batches=self.handoff.in_flight, not_started=dropped)
         self.handoff.close()
@@ -204,6 +206,7 @@ class Worker:
                 unacknowledged=self.producer.outstanding(),
                 committed=committed,
             )
+        self._settled = True
         self.intake.close()
         self.producer.close()
         log.info("worker stopped")
@@ -216,6 +219,7 @@ class Worker:
         self.handoff.close(discard_queued=True)
         deadline = time.monotonic() + FATAL_DRAIN_S
         self.committer.settle(self.tracker.keys, deadline, self._all_delivered, serve_group=False)
+        self._settled = True
         self.intake.close()
         return EXIT_FATAL
 
@@ -232,7 +236,7 @@ class Worker:
                 self._admit(tracked)
 
     def submit_ready_batches(self) -> None:
-        """Hand closed batches to the inference thread; pause input while it is full."""
+        """Hand closed batches to the inference thread while it has room."""
         ready = self.batcher.ready
         while ready:
             batch = ready[0]
@@ -251,45 +255,39 @@ class Worker:
                 reason=str(batch.reason),
                 in_flight=in_flight,
             )
-        self._apply_backpressure(len(ready))
 
-    def _apply_backpressure(self, waiting_batches: int) -> None:
-        """Pause the input only when the model really falls behind.
-
-        Closed batches waiting for room are normal between two model calls; pausing at once
-        would make librdkafka drop its prefetched records and refetch them on resume (a round
-        trip of up to fetch.wait.max.ms each time). So the loop keeps polling (which also
-        serves rebalances and group heartbeats) and pauses only once batches have waited
-        ``BACKPRESSURE_PAUSE_AFTER_S`` or ``MAX_WAITING_BATCHES`` of them have piled up.
-        """
-        if waiting_batches == 0:
-            self._blocked_since = None
-            self.intake.resume()
-            return
-        now = time.monotonic()
-        if self._blocked_since is None:
-            self._blocked_since = now
-        waited = now - self._blocked_since
-        if waited >= BACKPRESSURE_PAUSE_AFTER_S or waiting_batches >= MAX_WAITING_BATCHES:
-            self.intake.pause("inference queue full")
+    def control_flow(self) -> None:
+        """Pause or resume the input for the stages that are behind (never wait for them)."""
+        self.flow.update(
+            waiting_batches=len(self.batcher.ready),
+            producer_congested=self.producer.congested,
+            circuit_open=self.inference.circuit_open,
+        )
 
     def check_health(self) -> None:
         """Raise :class:`KafkaFatalError` if any stage hit a fatal error."""
         if self.producer.fatal is not None:
             raise self.producer.fatal
-        if self.inference.crashed is not None:
-            raise KafkaFatalError(f"inference thread crashed: {self.inference.crashed!r}")
+        crashed = self.inference.crashed
+        if isinstance(crashed, TagstreamError):
+            raise KafkaFatalError(f"inference stopped: {crashed}")
+        if crashed is not None:
+            raise KafkaFatalError(f"inference thread crashed: {crashed!r}")
 
     # -- rebalance callbacks (RebalanceListener, main thread inside poll) ---------------
 
     def on_assigned(self, keys: list[PartitionKey]) -> None:
-        self.tracker.assign(keys)
+        self.tracker.assign(keys, self.intake.consumer.generation)
 
     def on_revoked(self, keys: list[PartitionKey]) -> None:
         """Stop batching the partitions, wait (bounded) for their in-flight batches to be
         acknowledged, commit their done offsets, and drop the rest for the next owner."""
         self._gone.update(dict.fromkeys(keys, DiscardReason.REVOKED))
         self._abandon_unstarted(keys, DiscardReason.REVOKED)
+        if self._settled:
+            # consumer.close() after the final commit: it already waited and committed.
+            self.tracker.remove(keys)
+            return
         deadline = time.monotonic() + self.settings.shutdown.revoke_timeout_ms / 1000
         drained, _ = self.committer.settle(
             keys, deadline, lambda: self.tracker.pending(keys) == 0, serve_group=False
@@ -327,6 +325,9 @@ class Worker:
         if state is None or not state.active:
             self.observer.record_discarded(record.partition_key, DiscardReason.NOT_ASSIGNED)
             return None
+        if record.generation != state.generation:
+            self.observer.record_discarded(record.partition_key, DiscardReason.STALE)
+            return None
         if not state.receive(record.offset):
             self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
             return None
@@ -345,6 +346,11 @@ class Worker:
             tokens = self.scorer.estimate_tokens(request)
         except Exception as exc:
             failure = Failure(Stage.INFERENCE, type(exc).__name__, str(exc))
+            self.producer.dead_letter(tracked, failure)
+            return
+        if tokens > tagging.max_event_tokens:
+            too_costly = EventTooCostlyError(tokens, tagging.max_event_tokens)
+            failure = Failure(Stage.VALIDATE, type(too_costly).__name__, str(too_costly))
             self.producer.dead_letter(tracked, failure)
             return
         self.batcher.add(PendingEvent(tracked, event, request, tokens))

@@ -13,6 +13,16 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# A real hypothesis ("This example is sports.") is a few dozen characters. Longer ones are
+# computed every time rather than kept: the caches are sized by entries, so only short
+# keys keep their memory bounded however hostile the templates and labels an input sends.
+MAX_CACHED_HYPOTHESIS_CHARS = 256
+
+
+def cacheable_hypothesis(hypothesis: str) -> bool:
+    """Whether a hypothesis is short enough to be kept across batches."""
+    return len(hypothesis) <= MAX_CACHED_HYPOTHESIS_CHARS
+
 
 class LruCache(Generic[K, V]):
     """At most ``capacity`` entries; adding one more evicts the least recently used.

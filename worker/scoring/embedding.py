@@ -34,7 +34,7 @@ from worker.contract.events import render_hypothesis
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
 from worker.errors import DeviceError, EmbeddingModelError
 from worker.scoring.batching import TokenBudget, estimated_tokens, padded_length, plan_batches
-from worker.scoring.cache import LruCache
+from worker.scoring.cache import LruCache, cacheable_hypothesis
 from worker.scoring.runtime import (
     FALLBACK_MAX_LENGTH,
     UNSET_MODEL_MAX_LENGTH,
@@ -321,7 +321,7 @@ class EmbeddingScorer:
             vectors = self._embed(self._encode(missing))
             for hypothesis, vector in zip(missing, vectors, strict=True):
                 found[hypothesis] = vector
-                if isinstance(vector, torch.Tensor):
+                if isinstance(vector, torch.Tensor) and cacheable_hypothesis(hypothesis):
                     self._cache.put(hypothesis, vector.clone())  # not a view of the batch
         return found
 

@@ -59,7 +59,7 @@ from worker.scoring.batching import (
     padded_length,
     plan_batches,
 )
-from worker.scoring.cache import LruCache
+from worker.scoring.cache import LruCache, cacheable_hypothesis
 from worker.scoring.nli_pairs import (
     TOKEN_TYPE_IDS,
     EncodedPair,
@@ -434,7 +434,8 @@ class NliScorer:
                 found[hypothesis] = ids
             else:
                 found[hypothesis] = token_ids = tuple(ids)
-                self._hypotheses.put(hypothesis, token_ids)
+                if cacheable_hypothesis(hypothesis):
+                    self._hypotheses.put(hypothesis, token_ids)
         return found
 
     def _encode(self, requests: Sequence[ScoreRequest]) -> _Encoded:

@@ -336,3 +336,36 @@ def test_retry_backoff_grows_exponentially_up_to_a_cap() -> None:
     assert 0.32 <= delays[2] <= 0.48
     assert max(delays) <= RETRY_BACKOFF_MAX_S * 1.2
     assert delays[-1] >= RETRY_BACKOFF_MAX_S * 0.8
+
+
+def test_the_default_labels_obey_the_event_label_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGSTREAM_LABELS", "sports,finance,weather")
+    monkeypatch.setenv("TAGSTREAM_MAX_LABELS", "2")
+    with pytest.raises(
+        ConfigError, match=r"TAGSTREAM_LABELS.*at most 2 labels.*TAGSTREAM_MAX_LABELS=2"
+    ):
+        load_run_settings(flags={"input_topics": "in", "output_topic": "out"})
+    monkeypatch.setenv("TAGSTREAM_MAX_LABELS", "3")
+    monkeypatch.setenv("TAGSTREAM_MAX_LABEL_CHARS", "6")
+    with pytest.raises(ConfigError, match="TAGSTREAM_MAX_LABEL_CHARS=6"):
+        load_run_settings(flags={"input_topics": "in", "output_topic": "out"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TAGSTREAM_MAX_UNCOMMITTED_RECORDS", "0"),
+        ("TAGSTREAM_MAX_UNCOMMITTED_AGE_S", "0"),
+        ("TAGSTREAM_RETRY_DEADLINE_S", "-1"),
+        ("TAGSTREAM_CIRCUIT_WINDOW", "0"),
+        ("TAGSTREAM_CIRCUIT_FAILURE_SHARE", "1.5"),
+        ("TAGSTREAM_CIRCUIT_MAX_OPEN_S", "0"),
+        ("TAGSTREAM_MAX_EVENT_TOKENS", "0"),
+    ],
+)
+def test_a_bad_limit_stops_start_up_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=variable):
+        load_run_settings(flags={"input_topics": "in", "output_topic": "out"})

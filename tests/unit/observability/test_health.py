@@ -91,6 +91,15 @@ def test_readiness_is_lost_with_the_group_membership(health: HealthState) -> Non
     assert health.readiness().ok
 
 
+def test_readiness_is_lost_while_the_inference_circuit_is_open(health: HealthState) -> None:
+    health.mark_model_ready()
+    health.mark_joined()
+    health.mark_scorer_failing(True)
+    assert health.readiness().body == {"status": "not_ready", "waiting_for": ["scorer"]}
+    health.mark_scorer_failing(False)
+    assert health.readiness().ok
+
+
 # -- liveness ------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The inference stage (worker/scorer_stage.py) without Kafka: what it hands the producer."""
+"""The inference stage (worker/pipeline/inference.py) without Kafka: what it hands the producer."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import pytest
 import structlog
 
 from tests.support.scorers import ERROR_MARKER, RAISE_MARKER, FakeScorer
-from worker.config.settings import ModelSettings, TaggingSettings
+from worker.config.settings import CircuitSettings, ModelSettings, TaggingSettings
 from worker.contract.codec import to_request
 from worker.contract.deadletter import Failure
 from worker.contract.events import InputEvent
-from worker.contract.scorer import ScoreError, ScoreOutcome, ScoreRequest
-from worker.errors import DeviceError, WarmUpError
+from worker.contract.scorer import ScoreError, ScoreOutcome, ScoreRequest, is_transient
+from worker.errors import DeviceError, ScorerFailingError, TransientScoreError, WarmUpError
 from worker.kafka.records import InputRecord, PartitionKey
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.delivery import Outbound, ProducerStage
-from worker.pipeline.inference import WARM_UP_LABEL, InferenceStage, warm_up
+from worker.pipeline.inference import TRANSIENT_RETRIES, WARM_UP_LABEL, InferenceStage, warm_up
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
 
@@ -243,3 +243,127 @@ def test_a_model_that_cannot_score_the_warm_up_request_fails_it() -> None:
         warm_up(failing, TAGGING)
     with pytest.raises(WarmUpError, match="raised"):
         warm_up(FakeScorer(ModelSettings(), raise_marker="warm-up"), TAGGING)
+
+
+class BrokenModelScorer(FakeScorer):
+    """Fails every event (weights gone bad) for its first ``broken_calls`` calls."""
+
+    def __init__(self, broken_calls: int, *, transient: bool = False) -> None:
+        super().__init__(ModelSettings(scorer="tests.support.scorers:fake"))
+        self.broken_calls = broken_calls
+        self.transient = transient
+        self.calls = 0
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        self.calls += 1
+        if self.calls > self.broken_calls:
+            return super().score(requests)
+        error = ScoreError("BadWeights", "nan everywhere", transient=self.transient)
+        return [error for _ in requests]
+
+
+class CircuitObserver(RecordingObserver):
+    def __init__(self) -> None:
+        super().__init__()
+        self.circuit: list[bool] = []
+
+    def circuit_changed(self, is_open: bool, failure_share: float) -> None:
+        self.circuit.append(is_open)
+
+
+def _circuit_stage(
+    scorer: FakeScorer, monkeypatch: pytest.MonkeyPatch, *, max_open_s: float = 60.0
+) -> tuple[InferenceStage, RecordingProducer, CircuitObserver, Handoff]:
+    monkeypatch.setattr("worker.pipeline.circuit.CIRCUIT_BACKOFF_INITIAL_S", 0.001)
+    monkeypatch.setattr("worker.pipeline.inference.TRANSIENT_RETRY_DELAY_S", 0.001)
+    observer, producer, handoff = CircuitObserver(), RecordingProducer(), Handoff(2)
+    stage = InferenceStage(
+        scorer,
+        handoff,
+        producer=cast(ProducerStage, producer),
+        tagging=TAGGING,
+        output_topic="tagged",
+        observer=observer,
+        circuit=CircuitSettings(circuit_window=20, circuit_max_open_s=max_open_s),
+    )
+    return stage, producer, observer, handoff
+
+
+def test_a_failing_model_opens_the_circuit_instead_of_dead_lettering_every_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = BrokenModelScorer(broken_calls=3)
+    stage, producer, observer, _ = _circuit_stage(scorer, monkeypatch)
+    stage.process(_batch([f"sports {i}" for i in range(20)], OffsetTracker()))
+    assert not producer.dead  # kept and retried until the model worked again
+    assert len(producer.sent) == 20 and scorer.calls == 4
+    assert observer.circuit == [True, False]
+    assert not stage.circuit_open
+
+
+def test_a_circuit_open_past_its_bound_stops_the_stage_with_nothing_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = BrokenModelScorer(broken_calls=10**6)
+    stage, producer, _, _ = _circuit_stage(scorer, monkeypatch, max_open_s=0.05)
+    with pytest.raises(ScorerFailingError, match="TAGSTREAM_CIRCUIT_MAX_OPEN_S"):
+        stage.process(_batch([f"sports {i}" for i in range(20)], OffsetTracker()))
+    assert not producer.dead and not producer.sent
+
+
+def test_a_stop_while_the_circuit_is_open_leaves_the_batch_uncommitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = BrokenModelScorer(broken_calls=10**6)
+    stage, producer, observer, handoff = _circuit_stage(scorer, monkeypatch)
+    handoff.close()
+    stage.process(_batch([f"sports {i}" for i in range(20)], OffsetTracker()))
+    assert not producer.dead and not producer.sent
+    assert [reason for _, reason in observer.discarded] == ["shutdown"] * 20
+
+
+def test_failures_below_the_share_are_dead_lettered_as_usual(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stage, producer, observer, _ = _circuit_stage(
+        FakeScorer(ModelSettings(scorer="x:y")), monkeypatch
+    )
+    texts = [f"finance {ERROR_MARKER}" if i % 4 == 0 else "sports" for i in range(20)]
+    stage.process(_batch(texts, OffsetTracker()))
+    assert [offset for offset, _ in producer.dead] == [0, 4, 8, 12, 16]
+    assert observer.circuit == []
+
+
+def test_a_transient_failure_is_scored_again_not_dead_lettered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = BrokenModelScorer(broken_calls=2, transient=True)
+    stage, producer, observer, _ = _circuit_stage(scorer, monkeypatch)
+    stage.process(_batch(["sports"], OffsetTracker()))
+    assert not producer.dead and [r.origin.record.offset for r in producer.sent] == [0]
+    assert scorer.calls == 3 and observer.circuit == []
+
+
+def test_a_failure_that_stays_transient_is_dead_lettered_after_the_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scorer = BrokenModelScorer(broken_calls=10**6, transient=True)
+    stage, producer, _, _ = _circuit_stage(scorer, monkeypatch)
+    stage.process(_batch(["sports"], OffsetTracker()))
+    assert [(offset, f.error_class) for offset, f in producer.dead] == [(0, "BadWeights")]
+    assert scorer.calls == 1 + TRANSIENT_RETRIES
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (TimeoutError("slow"), True),
+        (TransientScoreError("busy"), True),
+        (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"), True),
+        (ValueError("bad input"), False),
+        (RuntimeError("shape mismatch"), False),
+    ],
+)
+def test_which_exceptions_are_transient(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+    assert ScoreError.from_exception(exc).transient is transient

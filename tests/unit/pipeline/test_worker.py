@@ -22,6 +22,7 @@ from tests.support.scorers import FakeScorer
 from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
 from worker.contract.deadletter import HEADER_STAGE, WorkerIdentity
+from worker.errors import KafkaFatalError
 from worker.exit_codes import EXIT_OK
 from worker.kafka.errors import delivery_error
 from worker.kafka.records import PartitionKey
@@ -189,7 +190,7 @@ def test_a_partition_assigned_while_paused_starts_paused(
     clients.input.assign([P1])
     worker.intake.poll(1, 0.0)  # the assignment arrives inside a poll
     assert clients.input.paused == {P0, P1}
-    worker.intake.resume()
+    worker.intake.resume("test")
     assert clients.input.paused == set()
 
 
@@ -224,3 +225,127 @@ def test_a_revoke_commits_what_an_unanswered_asynchronous_commit_only_sent(
     worker.step()
     # Sent is not confirmed: the revoke commits position 3 and waits for the answer.
     assert clients.input.commits[-1] == ("sync", {P0: 3})
+
+
+@pytest.mark.timeout(30)
+def test_a_full_producer_queue_pauses_the_input_instead_of_blocking_the_loop(
+    worker: Worker, clients: FakeClients
+) -> None:
+    # Invalid records are dead-lettered on the main thread itself: with librdkafka's queue
+    # full, a blocking send would never return to the loop.
+    clients.producer.capacity = 1
+    clients.input.assign([P0])
+    _feed(clients, 0, [b"not json"] * 4)
+    _step_until(worker, lambda: worker.producer.congested)
+    for _ in range(5):
+        worker.step()  # returns: the loop keeps serving the group while the queue is full
+    assert "producer queue full" in worker.intake.holds()
+    assert clients.input.paused == {P0}
+    clients.producer.capacity = None
+    clients.producer.auto_ack = True
+    _step_until(worker, lambda: clients.input.committed(P0) == 4)
+    dead = [sent.value for sent in clients.producer.written if sent.topic == "news.tagged.dlq"]
+    assert dead == [b"not json"] * 4  # in order, none lost
+    assert not worker.intake.paused and clients.input.paused == set()
+
+
+def test_a_partition_whose_uncommitted_window_is_full_is_paused_alone(
+    clients: FakeClients,
+) -> None:
+    worker = _worker(clients, _settings(max_uncommitted_records=4))
+    try:
+        clients.input.assign([P0, P1])
+        _feed(clients, 0, _events(0, 6))
+        _step_until(worker, lambda: len(clients.producer) >= 4)
+        worker.flow.check_windows()
+        assert worker.intake.holds(P0) == {"uncommitted window full"}
+        assert worker.intake.holds(P1) == frozenset()
+        assert clients.input.paused == {P0}
+        clients.producer.auto_ack = True
+        _step_until(worker, lambda: clients.input.committed(P0) is not None)
+        _step_until(worker, lambda: not worker.intake.holds(P0))
+        _step_until(worker, lambda: clients.input.committed(P0) == 6)
+        assert clients.input.paused == set()
+    finally:
+        worker.handoff.close(discard_queued=True)
+        worker.inference.join(WAIT_S)
+
+
+def test_a_record_that_stays_unwritable_past_the_retry_deadline_stops_the_worker(
+    clients: FakeClients,
+) -> None:
+    clients.refuse["news.tagged.dlq"] = delivery_error(
+        KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)  # the dead-letter topic was deleted
+    )
+    clients.auto_ack = True
+    worker = _worker(clients, _settings(retry_deadline_s=0.3))
+    try:
+        clients.input.assign([P0])
+        _feed(clients, 0, [b"not json"])
+        with pytest.raises(KafkaFatalError) as raised:
+            _step_until(worker, lambda: False)
+        fatal = raised.value
+        assert "TAGSTREAM_RETRY_DEADLINE_S" in str(fatal) and "news.tagged.dlq" in str(fatal)
+        assert clients.input.committed(P0) in (None, 0)  # the offset stays uncommitted
+    finally:
+        worker.handoff.close(discard_queued=True)
+        worker.inference.join(WAIT_S)
+
+
+def test_an_event_whose_labels_times_text_cost_too_much_is_dead_lettered_at_validate(
+    clients: FakeClients,
+) -> None:
+    clients.auto_ack = True
+    worker = _worker(clients, _settings(max_event_tokens=500))
+    try:
+        clients.input.assign([P0])
+        amplified = {"text": "word " * 400, "labels": [f"label {i}" for i in range(50)]}
+        _feed(clients, 0, [orjson.dumps(amplified), *_events(0, 1)])
+        _step_until(worker, lambda: clients.input.committed(P0) == 2)
+        dead = [sent for sent in clients.producer.written if sent.topic == "news.tagged.dlq"]
+        assert len(dead) == 1
+        headers = dict(dead[0].headers)
+        assert headers[HEADER_STAGE] == b"validate"
+        assert headers["tagstream.error.class"] == b"EventTooCostlyError"
+        message = headers["tagstream.error.message"]
+        assert isinstance(message, bytes) and b"TAGSTREAM_MAX_EVENT_TOKENS=500" in message
+    finally:
+        worker.handoff.close(discard_queued=True)
+        worker.inference.join(WAIT_S)
+
+
+def test_a_record_fetched_under_a_previous_assignment_is_not_applied_to_the_new_one(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.producer.auto_ack = True
+    clients.input.assign([P0])
+    worker.step()
+    assert clients.input.generation(P0) == 1
+    # An eager rebalance gives P0 back at once; a record of offset 5 fetched before it
+    # arrives afterwards, and then the new assignment's fetch from the committed offset 0.
+    clients.input.revoke([P0])
+    clients.input.assign([P0])
+    values = _events(0, 6)
+    clients.input.records.append(record(TOPIC, 0, 5, values[5])._replace(generation=1))
+    _feed(clients, 0, values)
+    _step_until(worker, lambda: clients.input.committed(P0) == 6)
+    scored = [sent for sent in clients.producer.written if sent.topic == "news.tagged"]
+    offsets = [dict(sent.headers)["tagstream.source.offset"] for sent in scored]
+    assert offsets == [str(offset).encode() for offset in range(6)]  # 0..4 not skipped
+
+
+@pytest.mark.timeout(20)
+def test_closing_the_consumer_after_the_shutdown_drain_does_not_wait_again() -> None:
+    clients = FakeClients(auto_ack=False)
+    # A revoke would wait a minute for the unacknowledged outputs; the shutdown bound is
+    # a tenth of a second, and closing the consumer revokes every partition once more.
+    worker = _worker(clients, _settings(revoke_timeout_ms=60_000, shutdown_timeout_s=0.1))
+    clients.input.revoke_on_close = True
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 2))
+    _step_until(worker, lambda: len(clients.producer) == 2)
+    with structlog.testing.capture_logs() as logs:
+        assert worker.shutdown() == EXIT_OK
+    assert clients.input.closed
+    assert not any(entry["event"] == "revoke timeout: unfinished work dropped" for entry in logs)
+    assert clients.input.committed(P0) in (None, 0)

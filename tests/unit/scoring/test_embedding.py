@@ -21,6 +21,7 @@ from worker.contract.scorer import (
     Scorer,
     ScoreRequest,
 )
+from worker.scoring.cache import MAX_CACHED_HYPOTHESIS_CHARS
 from worker.scoring.embedding import (
     MULTI_LABEL_CENTER,
     PACKAGED_MODEL_NAME,
@@ -315,3 +316,13 @@ def test_similarity_mapping_constants() -> None:
     spread = similarity_scores(torch.tensor([0.4, 0.2, 0.0]), multi_label=False)
     assert spread.sum().item() == pytest.approx(1.0)
     assert spread[0].item() > 0.99
+
+
+def test_a_long_hypothesis_is_embedded_but_not_kept(
+    build: Callable[..., tuple[EmbeddingScorer, CountingModel]],
+) -> None:
+    built, _ = build()
+    long_label = "x" * (MAX_CACHED_HYPOTHESIS_CHARS + 1)
+    outcomes = built.score([request(SPORTS_TEXT, labels=("sports", long_label))])
+    assert isinstance(outcomes[0], LabelScores)
+    assert built.cache_stats.size == 1  # only the short one

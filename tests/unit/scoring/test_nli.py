@@ -23,6 +23,7 @@ from worker.config.settings import ModelSettings
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
 from worker.errors import DeviceError
 from worker.scoring.batching import PAD_MULTIPLE, RECOVER_AFTER_CLEAN_CALLS, plan_batches
+from worker.scoring.cache import MAX_CACHED_HYPOTHESIS_CHARS
 from worker.scoring.factory import build_scorer
 from worker.scoring.nli import MIN_ROW_FILL, NliLabelIndices, NliScorer
 
@@ -577,3 +578,13 @@ def test_the_halved_budget_recovers_after_a_stretch_without_oom(tiny_deberta_dir
     for _ in range(RECOVER_AFTER_CLEAN_CALLS):
         scorer.score(requests[:1])
     assert scorer.max_batch_tokens == 1024
+
+
+def test_only_short_hypotheses_are_kept_tokenized(tiny_bart_dir: Path) -> None:
+    model, tokenizer = _load(tiny_bart_dir)
+    scorer = NliScorer(model, tokenizer)
+    long_label = "word " * (MAX_CACHED_HYPOTHESIS_CHARS // 5 + 1)
+    text = next(iter(generated_sentences(1, seed=5)))
+    outcomes = _scores(scorer.score([ScoreRequest(text, (LABELS[0], long_label), True, TEMPLATE)]))
+    assert len(outcomes[0].labels) == 2
+    assert list(scorer._hypotheses._items) == [TEMPLATE.format(LABELS[0])]
