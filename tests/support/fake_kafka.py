@@ -8,6 +8,7 @@ sequence and the rebalance callbacks readable and fast to test.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,8 @@ class FakeProducer:
     closed: bool = False
     # librdkafka's local queue size: produce() raises BufferError while it is full.
     capacity: int | None = None
+    # produce() runs on the inference thread too: librdkafka is thread-safe, so is this.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def produce(
         self,
@@ -176,9 +179,10 @@ class FakeProducer:
         headers: OutHeaders,
         on_delivery: DeliveryReport,
     ) -> ClientError | None:
-        if self.capacity is not None and len(self.in_flight) >= self.capacity:
-            raise BufferError("Local: Queue full")
-        self.in_flight.append(Sent(topic, key, value, headers, on_delivery))
+        with self.lock:
+            if self.capacity is not None and len(self.in_flight) >= self.capacity:
+                raise BufferError("Local: Queue full")
+            self.in_flight.append(Sent(topic, key, value, headers, on_delivery))
         return None
 
     def poll(self, timeout_s: float) -> None:
@@ -192,7 +196,8 @@ class FakeProducer:
         self.closed = True
 
     def ack_all(self) -> None:
-        sent, self.in_flight = self.in_flight, []
+        with self.lock:
+            sent, self.in_flight = self.in_flight, []
         for item in sent:
             refusal = self.refuse.get(item.topic)
             if refusal is None:
