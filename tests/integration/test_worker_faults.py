@@ -249,6 +249,9 @@ SLOW_BATCH_MS = 2000
 SLOW_BATCH_SIZE = 10
 SLOW_EVENTS = 80  # 8 batches x 2 s = 16 s of scoring, more than twice the poll interval
 IN_FLIGHT_LIMIT = 2
+# About a dozen waiting events: the 80 consumed at once pause the input, as a model slower
+# than its input does with the default 32 MiB.
+SLOW_BUFFER_BYTES = 16_384
 IN_FLIGHT = re.compile(r"in_flight\W+(\d+)")
 
 
@@ -269,6 +272,7 @@ def test_a_slow_model_pauses_input_and_keeps_the_group_membership(harness: Harne
     env = pipeline.env(
         max_batch_size=SLOW_BATCH_SIZE,
         max_in_flight_batches=IN_FLIGHT_LIMIT,
+        max_buffered_bytes=SLOW_BUFFER_BYTES,
         consumer_config=consumer_config,
         log_level="DEBUG",
     )

@@ -163,6 +163,10 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_WAIT_MS = 50
 # One batch runs on the model while the next one is assembled: the minimum for overlap.
 DEFAULT_MAX_IN_FLIGHT_BATCHES = 2
+# Events decoded and waiting for the model pause the input at 32 MiB (~25,000 small events,
+# seconds of input at full speed): far enough from empty that the model never waits for a
+# refetch after a pause, small beside the model's own memory.
+DEFAULT_MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 # Committing once a second bounds the replay after a crash to about a second of input.
 DEFAULT_COMMIT_INTERVAL_MS = 1_000
 # A record librdkafka could not deliver within its own message.timeout.ms (5 min) is retried;
@@ -315,11 +319,16 @@ class KafkaSettings(_Base):
 
 
 class BatchSettings(_Base):
-    """When a micro-batch closes, and how many may be in flight at once."""
+    """When a micro-batch closes, how many may be in flight, and how much may wait."""
 
     max_batch_size: int = Field(default=DEFAULT_MAX_BATCH_SIZE, ge=1)
     max_wait_ms: int = Field(default=DEFAULT_MAX_WAIT_MS, ge=0)
     max_in_flight_batches: int = Field(default=DEFAULT_MAX_IN_FLIGHT_BATCHES, ge=1)
+    max_buffered_bytes: int = Field(
+        default=DEFAULT_MAX_BUFFERED_BYTES,
+        ge=1024,
+        description="Events waiting for the model, in bytes, that pause the input.",
+    )
 
 
 class DeliverySettings(_Base):

@@ -4,8 +4,10 @@ A batch closes at ``max_batch_size`` events, at the scorer's token budget, or
 ``max_wait_ms`` after its first event, whichever comes first. Closed batches wait in
 :attr:`Batcher.ready` until the :class:`Handoff` to the inference thread has room: at
 most ``max_in_flight_batches`` batches are submitted and not yet finished, so one batch
-is assembled while the model runs another, and memory stays bounded when the model is
-slower than the input (the main thread then pauses fetching).
+is assembled while the model runs another. What waits here is counted in bytes
+(:attr:`Batcher.buffered_bytes`); past ``max_buffered_bytes`` the main thread pauses
+fetching (:mod:`worker.pipeline.flow`), so memory stays bounded when the model is slower
+than the input.
 
 The :class:`Batcher` is owned by the main thread; the :class:`Handoff` is the only object
 shared with the inference thread.
@@ -25,6 +27,11 @@ from worker.contract.scorer import ScoreRequest
 from worker.kafka.records import PartitionKey
 from worker.pipeline.offsets import Tracked
 
+# What one waiting event costs beyond its record value and text: the record, the event and
+# its request, the offset bookkeeping (~1.3 KB for a 70-byte event, measured with
+# tracemalloc); counted so that a stream of tiny events is bounded as well as big ones.
+PENDING_EVENT_OVERHEAD_BYTES = 1_280
+
 
 class CloseReason(enum.StrEnum):
     """Why a batch closed."""
@@ -42,6 +49,12 @@ class PendingEvent:
     event: InputEvent
     request: ScoreRequest
     tokens: int
+
+    @property
+    def size(self) -> int:
+        """Bytes this event holds while it waits (value, its decoded text, the objects)."""
+        value = self.origin.record.value
+        return PENDING_EVENT_OVERHEAD_BYTES + (0 if value is None else 2 * len(value))
 
 
 @dataclass(slots=True)
@@ -77,6 +90,8 @@ class Batcher:
         self._on_close = on_close
         self._open: Batch | None = None
         self.ready: deque[Batch] = deque()
+        # Bytes held by the events of the open and the ready batches.
+        self.buffered_bytes = 0
 
     @property
     def open_size(self) -> int:
@@ -95,6 +110,7 @@ class Batcher:
             self._open = Batch(opened_at=self._clock())
         self._open.items.append(item)
         self._open.tokens += item.tokens
+        self.buffered_bytes += item.size
         if len(self._open) >= self.max_size:
             self._close(CloseReason.SIZE)
         elif self._open.tokens >= self.max_tokens:
@@ -111,6 +127,12 @@ class Batcher:
         if self._open is not None and self.time_left() == 0.0:
             self._close(CloseReason.TIME)
 
+    def pop_ready(self) -> Batch:
+        """Take the oldest ready batch (it is handed to the inference thread)."""
+        batch = self.ready.popleft()
+        self.buffered_bytes -= sum(item.size for item in batch.items)
+        return batch
+
     def drop(self, keys: Collection[PartitionKey]) -> list[PendingEvent]:
         """Remove the events of these partitions from the open and the ready batches."""
         dropped: list[PendingEvent] = []
@@ -125,6 +147,7 @@ class Batcher:
         self.ready = deque(batch for batch in self.ready if batch.items)
         if self._open is not None and not self._open.items:
             self._open = None
+        self.buffered_bytes -= sum(item.size for item in dropped)
         return dropped
 
     def _close(self, reason: CloseReason) -> None:

@@ -8,8 +8,8 @@ group protocol, delivery callbacks, commits and a stop request.
 ============================  ==============  ==============================================
 reason                        holds           on while
 ============================  ==============  ==============================================
-``inference queue full``      every partition closed batches waited ``BACKPRESSURE_PAUSE_AFTER_S``
-                                              for the model, or ``MAX_WAITING_BATCHES`` piled up
+``inference queue full``      every partition the events waiting for the model hold
+                                              ``max_buffered_bytes`` (released at half)
 ``producer queue full``       every partition librdkafka's local queue refused records (backlog)
 ``scorer failing``            every partition the inference circuit is open
                                               (:mod:`worker.pipeline.circuit`)
@@ -35,11 +35,10 @@ from worker.pipeline.intake import Intake
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, PartitionOffsets
 
-# Closed batches that have waited this long for the model pause the input: the model is
-# slower than the input, not merely busy with the previous batch.
-BACKPRESSURE_PAUSE_AFTER_S: Final = 1.0
-# Bound on records held in closed batches while the model is busy (x max_batch_size events).
-MAX_WAITING_BATCHES: Final = 16
+# A full buffer is released at half its size: each pause then lets the model work through
+# half a buffer, so the refetch after a resume (librdkafka drops what it prefetched for a
+# paused partition) is rare and always hidden behind work still waiting.
+BUFFER_RESUME_FRACTION: Final = 0.5
 # A full window is released at half its size, so a partition does not flap between paused
 # and fetching at every acknowledgement.
 WINDOW_RESUME_FRACTION: Final = 0.5
@@ -64,6 +63,7 @@ class FlowControl:
         observer: Observer,
         delivery: DeliverySettings,
         *,
+        max_buffered_bytes: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._intake = intake
@@ -71,13 +71,13 @@ class FlowControl:
         self._observer = observer
         self._max_records = delivery.max_uncommitted_records
         self._max_age_s = delivery.max_uncommitted_age_s
+        self._max_buffered = max_buffered_bytes
         self._clock = clock
-        self._blocked_since: float | None = None
         self._next_window_check = 0.0
 
-    def update(self, *, waiting_batches: int, producer_congested: bool, circuit_open: bool) -> None:
+    def update(self, *, buffered_bytes: int, producer_congested: bool, circuit_open: bool) -> None:
         """One loop turn's decisions."""
-        self._inference_queue(waiting_batches)
+        self._inference_queue(buffered_bytes)
         self._set(PRODUCER_QUEUE_FULL, producer_congested)
         self._set(SCORER_FAILING, circuit_open)
         now = self._clock()
@@ -109,25 +109,18 @@ class FlowControl:
     def _window_drained(self, state: PartitionOffsets, age: float) -> bool:
         return state.window <= self._max_records * WINDOW_RESUME_FRACTION and age < self._max_age_s
 
-    def _inference_queue(self, waiting_batches: int) -> None:
-        """Pause the input only when the model really falls behind.
+    def _inference_queue(self, buffered_bytes: int) -> None:
+        """Pause the input only when the model really falls behind, with hysteresis.
 
-        Closed batches waiting for room are normal between two model calls; pausing at once
-        would make librdkafka drop its prefetched records and refetch them on resume (a round
-        trip of up to fetch.wait.max.ms each time). So the loop keeps polling and pauses only
-        once batches have waited ``BACKPRESSURE_PAUSE_AFTER_S`` or ``MAX_WAITING_BATCHES`` of
-        them have piled up.
+        Pausing makes librdkafka drop its prefetched records and refetch them on resume, so
+        pausing whenever a batch waits for the model starves the loop (it waits for input
+        librdkafka already had). A byte bound with a gap between pause and resume keeps the
+        model fed from the buffer across the refetch and bounds memory all the same.
         """
-        if waiting_batches == 0:
-            self._blocked_since = None
-            self._intake.resume(INFERENCE_QUEUE_FULL)
-            return
-        now = self._clock()
-        if self._blocked_since is None:
-            self._blocked_since = now
-        waited = now - self._blocked_since
-        if waited >= BACKPRESSURE_PAUSE_AFTER_S or waiting_batches >= MAX_WAITING_BATCHES:
+        if buffered_bytes >= self._max_buffered:
             self._intake.pause(INFERENCE_QUEUE_FULL)
+        elif buffered_bytes <= self._max_buffered * BUFFER_RESUME_FRACTION:
+            self._intake.resume(INFERENCE_QUEUE_FULL)
 
     def _set(self, reason: str, on: bool) -> None:
         if on:

@@ -142,7 +142,13 @@ class Worker:
             self.observer,
             interval_s=settings.delivery.commit_interval_ms / 1000,
         )
-        self.flow = FlowControl(self.intake, self.tracker, self.observer, settings.delivery)
+        self.flow = FlowControl(
+            self.intake,
+            self.tracker,
+            self.observer,
+            settings.delivery,
+            max_buffered_bytes=batch.max_buffered_bytes,
+        )
         self._stop_requested = False
         # Set once the final commit is done: closing the consumer then revokes every
         # partition once more, and that revoke must not wait for in-flight work again.
@@ -243,7 +249,7 @@ class Worker:
             batch.batch_id = self._next_batch_id
             if not self.handoff.try_submit(batch):
                 break
-            ready.popleft()
+            self.batcher.pop_ready()
             self._next_batch_id += 1
             in_flight = self.handoff.in_flight
             self.observer.batch_submitted(len(batch), in_flight)
@@ -259,7 +265,7 @@ class Worker:
     def control_flow(self) -> None:
         """Pause or resume the input for the stages that are behind (never wait for them)."""
         self.flow.update(
-            waiting_batches=len(self.batcher.ready),
+            buffered_bytes=self.batcher.buffered_bytes,
             producer_congested=self.producer.congested,
             circuit_open=self.inference.circuit_open,
         )

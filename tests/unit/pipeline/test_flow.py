@@ -44,7 +44,7 @@ def _flow(
     tracker.assign([P0, P1])
     settings = DeliverySettings.model_validate(delivery)
     return (
-        FlowControl(intake, tracker, observer, settings, clock=clock),
+        FlowControl(intake, tracker, observer, settings, max_buffered_bytes=1000, clock=clock),
         intake,
         consumer,
         tracker,
@@ -55,12 +55,12 @@ def _flow(
 
 def test_reasons_hold_the_input_independently() -> None:
     flow, intake, consumer, *_ = _flow()
-    flow.update(waiting_batches=0, producer_congested=True, circuit_open=True)
+    flow.update(buffered_bytes=0, producer_congested=True, circuit_open=True)
     assert intake.holds() == {PRODUCER_QUEUE_FULL, SCORER_FAILING}
     assert consumer.paused == {P0, P1}
-    flow.update(waiting_batches=0, producer_congested=False, circuit_open=True)
+    flow.update(buffered_bytes=0, producer_congested=False, circuit_open=True)
     assert consumer.paused == {P0, P1}  # still held by the failing scorer
-    flow.update(waiting_batches=0, producer_congested=False, circuit_open=False)
+    flow.update(buffered_bytes=0, producer_congested=False, circuit_open=False)
     assert consumer.paused == set() and not intake.paused
 
 
@@ -108,3 +108,15 @@ def test_a_partition_paused_for_its_window_is_fetched_again_when_reassigned() ->
     consumer.assigned.append(P0)
     intake.on_assigned([P0])
     assert consumer.paused == set() and not intake.holds(P0)
+
+
+def test_the_input_pauses_when_the_buffer_is_full_and_resumes_at_half() -> None:
+    flow, intake, consumer, *_ = _flow()
+    flow.update(buffered_bytes=999, producer_congested=False, circuit_open=False)
+    assert not intake.paused
+    flow.update(buffered_bytes=1000, producer_congested=False, circuit_open=False)
+    assert consumer.paused == {P0, P1}
+    flow.update(buffered_bytes=501, producer_congested=False, circuit_open=False)
+    assert consumer.paused == {P0, P1}  # between the marks: no flapping
+    flow.update(buffered_bytes=500, producer_congested=False, circuit_open=False)
+    assert consumer.paused == set()
