@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from worker.errors import TransientScoreError
 
 
-@dataclass(frozen=True, slots=True)
-class ScoreRequest:
-    """One event to score: its text and the label set it is scored against."""
+class ScoreRequest(NamedTuple):
+    """One event to score: its text and the label set it is scored against.
+
+    Named tuples rather than frozen dataclasses, here and for :class:`LabelScores`: one of
+    each is built per event, and a tuple is built about twice as fast, just as immutable.
+    """
 
     text: str
     labels: tuple[str, ...]
@@ -37,8 +40,7 @@ class NliProbabilities:
     neutral: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class LabelScores:
+class LabelScores(NamedTuple):
     """Scores of one event, labels sorted by score, highest first."""
 
     labels: tuple[str, ...]

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from worker.contract.events import InputEvent
 from worker.contract.scorer import ScoreRequest
@@ -41,9 +42,8 @@ class CloseReason(enum.StrEnum):
     TIME = "time"
 
 
-@dataclass(frozen=True, slots=True)
-class PendingEvent:
-    """A valid input event waiting to be scored."""
+class PendingEvent(NamedTuple):
+    """A valid input event waiting to be scored (a named tuple: one is built per event)."""
 
     origin: Tracked
     event: InputEvent

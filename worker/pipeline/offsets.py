@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from worker.kafka.records import InputRecord, PartitionKey
 
@@ -207,9 +207,9 @@ class OffsetTracker:
                 state.confirm(position)
 
 
-@dataclass(frozen=True, slots=True)
-class Tracked:
-    """A consumed record and the assignment of its partition that received it."""
+class Tracked(NamedTuple):
+    """A consumed record and the assignment of its partition that received it (a named
+    tuple: one is built per record)."""
 
     record: InputRecord
     partition: PartitionOffsets
