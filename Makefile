@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KAFKACTL := $(PYTHON) dev/kafka/kafkactl.py
 PYTEST_ARGS ?=
 
-PHONY_EXTRA := tools deploy-check bench-setup bench-scorer bench-pipeline bench-latency
+PHONY_EXTRA := tools deploy-check bench-setup bench-scorer bench-pipeline bench-latency bench-soak faults-loop
 .PHONY: $(PHONY_EXTRA) setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
 
 ## setup: create .venv and install tagstream with its test and dev extras (no-op when unchanged)
@@ -78,6 +78,19 @@ bench-pipeline: bench-setup
 
 bench-latency: bench-setup
 	$(PY) -m bench.latency
+
+## bench-soak: ten minutes at half the no-model rate; RSS at minute 1 and 10 (bench/soak.py)
+bench-soak: bench-setup
+	$(PY) -m bench.soak
+
+## faults-loop: the rebalance and fault tests RUNS times in a row (the join/leave test under
+## each group protocol); stops at the first failing run and says how many passed
+RUNS ?= 20
+faults-loop: setup
+	@passed=0; for run in $$(seq 1 $(RUNS)); do \
+	  if $(PY) -m pytest -q -p no:randomly tests/integration/test_worker_faults.py $(PYTEST_ARGS); \
+	  then passed=$$((passed + 1)); else echo "run $$run failed"; break; fi; \
+	done; echo "faults-loop: $$passed of $(RUNS) runs passed"; test $$passed -eq $(RUNS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
