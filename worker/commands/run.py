@@ -43,13 +43,7 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.settings import KafkaSettings
 from worker.contract.deadletter import WorkerIdentity
 from worker.contract.scorer import Scorer
-from worker.errors import (
-    ConfigError,
-    KafkaFatalError,
-    ObservabilityServerError,
-    ScorerConfigError,
-    WarmUpError,
-)
+from worker.errors import ConfigError, ObservabilityServerError, ScorerConfigError, WarmUpError
 from worker.exit_codes import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE
 from worker.kafka.admin import missing_topics, topic_configs
 from worker.observability.logs import bind_process_context, configure_logging
@@ -200,11 +194,12 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
     topics = [kafka.output_topic, kafka.dead_letter_topic]
-    try:
-        missing = missing_topics(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config())
-    except KafkaFatalError as exc:
-        log.error("stopping on a fatal error", error=str(exc))
-        return EXIT_FATAL
+    missing = missing_topics(
+        kafka,
+        topics,
+        TOPIC_CHECK_TIMEOUT_S,
+        obs.client_config(),
+    )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
     _report_topics(kafka, topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config()))

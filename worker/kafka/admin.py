@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Final
+from typing import Any
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource  # not re-exported for type checkers
 from confluent_kafka.admin._resource import ResourceType
 
 from worker.config.settings import KafkaSettings
 from worker.kafka.config import security_config
-from worker.kafka.errors import fatal_error, is_fatal
 
 log = structlog.get_logger(__name__)
-
-# One metadata request per try: librdkafka reports a refused login between requests, so a
-# wrong password stops start-up after about this long instead of after the whole timeout.
-METADATA_TRY_S: Final = 1.0
 
 
 def missing_topics(
@@ -35,33 +29,19 @@ def missing_topics(
 
     ``client_config``: extra librdkafka settings such as the structlog log bridge; without
     it librdkafka writes its connection errors to stderr as raw text.
-
-    Raises :class:`~worker.errors.KafkaFatalError` when the cluster refuses the worker's
-    credentials or authorization (no retry can help).
     """
-    errors: list[KafkaError] = []
-    config: dict[str, Any] = {
-        **(client_config or {}),
-        "bootstrap.servers": kafka.bootstrap_servers,
-        **security_config(kafka),
-        "error_cb": errors.append,
-    }
-    admin = AdminClient(config)
-    deadline = time.monotonic() + timeout_s
+    admin = AdminClient(
+        {
+            **(client_config or {}),
+            "bootstrap.servers": kafka.bootstrap_servers,
+            **security_config(kafka),
+        }
+    )
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                metadata = admin.list_topics(timeout=max(0.0, min(METADATA_TRY_S, remaining)))
-                break
-            except KafkaException as exc:
-                admin.poll(0)  # runs error_cb for what happened meanwhile
-                refused = next((error for error in errors if is_fatal(error)), None)
-                if refused is not None:
-                    raise fatal_error(f"the cluster refused: {refused.str()}", refused) from None
-                if remaining <= METADATA_TRY_S:
-                    log.warning("cannot check the topics at start-up", error=str(exc))
-                    return []
+        metadata = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("cannot check the topics at start-up", error=str(exc))
+        return []
     finally:
         admin.poll(0)  # hands librdkafka's queued log lines to the log bridge
     return [name for name in dict.fromkeys(names) if name not in metadata.topics]
