@@ -31,7 +31,7 @@ from tqdm import tqdm
 from worker.config.loading import build_section, describe_errors
 from worker.config.settings import ModelSettings, TaggingSettings
 from worker.contract.codec import decode_input, encode_output, to_request
-from worker.contract.events import InputEvent
+from worker.contract.events import EventFields
 from worker.contract.scorer import ScoreError, Scorer, ScoreRequest
 from worker.errors import ConfigError, EventError, ScorerConfigError, ScoresError
 from worker.exit_codes import EXIT_OK, EXIT_USAGE
@@ -133,7 +133,7 @@ class _Line(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class _Pending:
     line: int
-    event: InputEvent
+    event: EventFields
     request: ScoreRequest
 
 

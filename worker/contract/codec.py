@@ -12,12 +12,20 @@ object that breaks the :class:`~worker.contract.events.InputEvent` contract).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 from pydantic import ValidationError
 
-from worker.contract.events import InputEvent, RecordCoordinates
+from worker.contract.events import (
+    DecodedEvent,
+    EventFields,
+    InputEvent,
+    RecordCoordinates,
+    check_labels,
+    check_template,
+    metadata_depth,
+)
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreRequest
 from worker.errors import DeserializeError, NoLabelsError, ScoresError, ValidateError
 
@@ -122,10 +130,19 @@ def _json_kind(obj: Any) -> str:
     return "a number"
 
 
-def validation_context(tagging: TaggingOptions) -> dict[str, int]:
-    """The pydantic context that applies the configured input limits (one dict per
-    settings object, built once: this runs for every consumed record)."""
-    cached = _contexts.get(id(tagging))
+class _Limits(NamedTuple):
+    """The input limits of one settings object, read once (``decode_input`` runs per record)."""
+
+    context: dict[str, int]  # the same limits as pydantic validation context
+    max_text_chars: int
+    max_labels: int
+    max_label_chars: int
+    max_metadata_bytes: int
+    max_metadata_depth: int
+
+
+def _limits(tagging: TaggingOptions) -> _Limits:
+    cached = _limits_cache.get(id(tagging))
     if cached is not None and cached[0] is tagging:
         return cached[1]
     context = {
@@ -135,20 +152,91 @@ def validation_context(tagging: TaggingOptions) -> dict[str, int]:
         "max_metadata_bytes": tagging.max_metadata_bytes,
         "max_metadata_depth": tagging.max_metadata_depth,
     }
-    if len(_contexts) >= _CONTEXT_CACHE_LIMIT:
-        _contexts.clear()
-    _contexts[id(tagging)] = (tagging, context)
-    return context
+    limits = _Limits(context, *context.values())
+    if len(_limits_cache) >= _LIMITS_CACHE_SIZE:
+        _limits_cache.clear()
+    _limits_cache[id(tagging)] = (tagging, limits)
+    return limits
 
 
 # A worker has one TaggingOptions; tests build many. Keyed by id, checked by identity.
-_contexts: dict[int, tuple[TaggingOptions, dict[str, int]]] = {}
-_CONTEXT_CACHE_LIMIT: Final = 64
+_limits_cache: dict[int, tuple[TaggingOptions, _Limits]] = {}
+_LIMITS_CACHE_SIZE: Final = 64
+
+
+def validation_context(tagging: TaggingOptions) -> dict[str, int]:
+    """The pydantic context that applies the configured input limits (one dict per
+    settings object, built once: this runs for every consumed record)."""
+    return _limits(tagging).context
+
+
+def fast_event(obj: dict[str, Any], tagging: TaggingOptions) -> DecodedEvent | None:
+    """The event, when ``obj`` is a plainly valid one (the common case), checked exactly as
+    :class:`InputEvent` checks it but without building the model; ``None`` for anything
+    else, which the model then judges and explains. Never accepts what the model refuses
+    (the fuzz tests hold the two side by side)."""
+    limits = _limits(tagging)
+    text = obj.get("text")
+    if type(text) is not str or len(text) > limits.max_text_chars or not text.strip():
+        return None
+    event_id = obj.get("id")
+    labels = obj.get("labels")
+    multi_label = obj.get("multi_label")
+    template = obj.get("hypothesis_template")
+    metadata = obj.get("metadata")
+    if (
+        (event_id is not None and type(event_id) is not str)
+        or (multi_label is not None and type(multi_label) is not bool)
+        or (labels is not None and not _plain_labels(labels, limits))
+        or (template is not None and not _plain_template(template))
+        or (metadata is not None and not _plain_metadata(metadata, limits))
+    ):
+        return None
+    return DecodedEvent(text, event_id, labels, multi_label, template, metadata)
+
+
+def _plain_labels(labels: Any, limits: _Limits) -> bool:
+    if type(labels) is not list or not all(type(label) is str for label in labels):
+        return False
+    try:
+        check_labels(labels, limits.max_labels, limits.max_label_chars)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain_template(template: Any) -> bool:
+    if type(template) is not str:
+        return False
+    try:
+        check_template(template)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain_metadata(metadata: Any, limits: _Limits) -> bool:
+    return (
+        type(metadata) is dict
+        and metadata_depth(metadata, limits.max_metadata_depth) <= limits.max_metadata_depth
+        and len(orjson.dumps(metadata)) <= limits.max_metadata_bytes
+    )
+
+
+def validate_event(obj: dict[str, Any], tagging: TaggingOptions) -> DecodedEvent:
+    """The event as the :class:`InputEvent` model validates it; raises
+    :class:`ValidateError` naming the broken fields."""
+    try:
+        model = InputEvent.model_validate(obj, context=validation_context(tagging))
+    except ValidationError as exc:
+        message, fields = summarize_validation_error(exc)
+        raise ValidateError(message, fields) from None
+    return DecodedEvent.of(model)
 
 
 def decode_input(
     value: bytes | bytearray | memoryview | None, tagging: TaggingOptions
-) -> InputEvent:
+) -> DecodedEvent:
     """Parse and validate one record value.
 
     Raises :class:`DeserializeError` or :class:`ValidateError` (both :class:`EventError`).
@@ -161,27 +249,39 @@ def decode_input(
         raise DeserializeError(_deserialize_reason(value, exc)) from None
     if not isinstance(obj, dict):
         raise DeserializeError(f"value is {_json_kind(obj)}, expected a JSON object")
-    try:
-        return InputEvent.model_validate(obj, context=validation_context(tagging))
-    except ValidationError as exc:
-        message, fields = summarize_validation_error(exc)
-        raise ValidateError(message, fields) from None
+    return fast_event(obj, tagging) or validate_event(obj, tagging)
 
 
-def to_request(event: InputEvent, tagging: TaggingOptions) -> ScoreRequest:
+def to_request(event: EventFields, tagging: TaggingOptions) -> ScoreRequest:
     """The scorer request of an event, with the configured defaults filled in.
 
     Raises :class:`NoLabelsError` when neither the event nor the settings give labels.
     """
-    labels = event.labels if event.labels is not None else tagging.labels
+    labels = tuple(event.labels) if event.labels is not None else _default_labels(tagging)
     if not labels:
         raise NoLabelsError()
     return ScoreRequest(
-        text=event.text,
-        labels=tuple(labels),
-        multi_label=tagging.multi_label if event.multi_label is None else event.multi_label,
-        hypothesis_template=event.hypothesis_template or tagging.hypothesis_template,
+        event.text,
+        labels,
+        tagging.multi_label if event.multi_label is None else event.multi_label,
+        event.hypothesis_template or tagging.hypothesis_template,
     )
+
+
+def _default_labels(tagging: TaggingOptions) -> tuple[str, ...]:
+    """The configured labels as a tuple, converted once per list (not per event)."""
+    labels = tagging.labels
+    cached = _default_labels_cache.get(id(tagging))
+    if cached is not None and cached[0] is labels:
+        return cached[1]
+    if len(_default_labels_cache) >= _LIMITS_CACHE_SIZE:
+        _default_labels_cache.clear()
+    as_tuple = tuple(labels)
+    _default_labels_cache[id(tagging)] = (labels, as_tuple)
+    return as_tuple
+
+
+_default_labels_cache: dict[int, tuple[list[str], tuple[str, ...]]] = {}
 
 
 def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingOptions) -> list[str]:
@@ -225,8 +325,7 @@ def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
         raise ScoresError(f"scores must be numbers: {exc}") from None
     if len(labels) != len(values):
         raise ScoresError(f"{len(values)} scores for {len(labels)} labels")
-    # The common case in two C-speed passes; the loop below only finds what to report.
-    if all(type(label) is str for label in labels) and all(0.0 <= v <= 1.0 for v in values):
+    if _plain_scores(labels, values):
         return labels, values
     for label, value in zip(labels, values, strict=True):
         if not isinstance(label, str):
@@ -236,9 +335,23 @@ def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
     return labels, values
 
 
+def _plain_scores(labels: list[str], values: list[float]) -> bool:
+    """The common case in C-speed calls; the caller's loop only finds what to report.
+    ``str.join`` refuses anything but strings; a NaN makes the sum NaN (unequal to itself)
+    and slips past min and max alone."""
+    if not values:
+        return True
+    try:
+        "".join(labels)
+    except TypeError:
+        return False
+    total = sum(values)
+    return min(values) >= 0.0 and max(values) <= 1.0 and total == total  # noqa: PLR0124
+
+
 # One argument per part of a scored event, hence the noqa.
 def encode_output(  # noqa: PLR0917
-    event: InputEvent,
+    event: EventFields,
     request: ScoreRequest,
     scores: LabelScores,
     record: RecordCoordinates,
@@ -272,7 +385,7 @@ def encode_output(  # noqa: PLR0917
         "truncated": bool(scores.truncated),
         "model": {"name": model.name, "revision": model.revision},
         "metadata": event.metadata,
-        "scored_at": as_utc(scored_at),
+        "scored_at": scored_at if scored_at.tzinfo is UTC else as_utc(scored_at),
     }
     if nli is not None:
         document["nli"] = {

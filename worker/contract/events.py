@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import string
 from datetime import datetime
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, NamedTuple, Protocol
 
 import orjson
 from pydantic import (
@@ -95,7 +95,7 @@ def check_template(template: str) -> str:
     return template
 
 
-def _depth(value: Any, stop_past: int) -> int:
+def metadata_depth(value: Any, stop_past: int) -> int:
     """How deeply ``value`` nests lists and objects (a scalar is 0), counting no further
     than ``stop_past + 1``; iterative, so no input can exhaust the stack."""
     deepest = 0
@@ -177,7 +177,7 @@ class InputEvent(BaseModel):
         if value is None:
             return None
         depth_limit = _limit(info, "max_metadata_depth", DEFAULT_MAX_METADATA_DEPTH)
-        depth = _depth(value, depth_limit)
+        depth = metadata_depth(value, depth_limit)
         if depth > depth_limit:
             raise ValueError(f"metadata is nested deeper than max_metadata_depth={depth_limit}")
         size_limit = _limit(info, "max_metadata_bytes", DEFAULT_MAX_METADATA_BYTES)
@@ -192,6 +192,37 @@ class InputEvent(BaseModel):
     @classmethod
     def _template(cls, value: str | None) -> str | None:
         return None if value is None else check_template(value)
+
+
+class DecodedEvent(NamedTuple):
+    """An input event as the pipeline carries it: the fields of :class:`InputEvent`, checked
+    by :func:`worker.contract.codec.decode_input` exactly as the model checks them.
+
+    The pydantic model stays the contract (its JSON schema, its error messages); this named
+    tuple is what one valid event costs on the hot path, where one is built per record.
+    """
+
+    text: str
+    id: str | None = None
+    labels: list[str] | None = None
+    multi_label: bool | None = None
+    hypothesis_template: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, event: InputEvent) -> DecodedEvent:
+        return cls(
+            event.text,
+            event.id,
+            event.labels,
+            event.multi_label,
+            event.hypothesis_template,
+            event.metadata,
+        )
+
+
+# What the codec reads of an event: the decoded tuple, or the model built by hand.
+EventFields = InputEvent | DecodedEvent
 
 
 class Source(BaseModel):

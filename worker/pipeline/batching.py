@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from worker.contract.events import InputEvent
+from worker.contract.events import EventFields
 from worker.contract.scorer import ScoreRequest
 from worker.kafka.records import PartitionKey
 from worker.pipeline.offsets import Tracked
@@ -46,7 +46,7 @@ class PendingEvent(NamedTuple):
     """A valid input event waiting to be scored (a named tuple: one is built per event)."""
 
     origin: Tracked
-    event: InputEvent
+    event: EventFields
     request: ScoreRequest
     tokens: int
 

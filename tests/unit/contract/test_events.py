@@ -19,6 +19,7 @@ from worker.contract.events import (
     DEFAULT_MAX_LABELS,
     DEFAULT_MAX_TEXT_CHARS,
     MAX_TEMPLATE_CHARS,
+    DecodedEvent,
     InputEvent,
     ModelRef,
     ScoredEvent,
@@ -187,7 +188,7 @@ def test_validate_error_message_is_bounded() -> None:
 
 def test_minimal_event_decodes_with_unset_optionals() -> None:
     event = decode_input(b'{"text": "hello"}', SETTINGS)
-    assert event == InputEvent(text="hello")
+    assert event == DecodedEvent(text="hello")
     assert event.labels is None
     assert event.multi_label is None
     assert event.hypothesis_template is None
@@ -210,7 +211,7 @@ def test_full_event_decodes_and_unknown_fields_are_ignored() -> None:
     assert event.multi_label is False
     assert event.hypothesis_template == "This text is about {}."
     assert event.metadata == {"lang": "en", "nested": {"n": [1, 2.5, None]}}
-    assert "unknown" not in event.model_dump()
+    assert "unknown" not in event._fields
 
 
 def test_decode_accepts_memoryview_and_bytearray() -> None:

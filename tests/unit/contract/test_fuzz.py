@@ -14,8 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.config.settings import TaggingSettings
-from worker.contract.codec import decode_input, encode_output, to_request
-from worker.contract.events import InputEvent
+from worker.contract.codec import (
+    decode_input,
+    encode_output,
+    fast_event,
+    to_request,
+    validate_event,
+)
+from worker.contract.events import DecodedEvent
 from worker.contract.scorer import LabelScores, ModelInfo
 from worker.errors import EventError
 
@@ -31,7 +37,7 @@ class _Record:
     topic, partition, offset, timestamp_ms = "news", 0, 7, 1_700_000_000_000
 
 
-def _decode(value: bytes) -> InputEvent | EventError:
+def _decode(value: bytes) -> DecodedEvent | EventError:
     try:
         return decode_input(value, TAGGING)
     except EventError as exc:
@@ -66,20 +72,20 @@ event_like = st.fixed_dictionaries(
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_any_bytes_decode_to_an_event_or_an_event_error(value: bytes) -> None:
-    assert isinstance(_decode(value), InputEvent | EventError)
+    assert isinstance(_decode(value), DecodedEvent | EventError)
 
 
 @FUZZ
 @given(event_like)
 def test_any_event_like_object_decodes_to_an_event_or_an_event_error(obj: dict[str, Any]) -> None:
-    assert isinstance(_decode(orjson.dumps(obj)), InputEvent | EventError)
+    assert isinstance(_decode(orjson.dumps(obj)), DecodedEvent | EventError)
 
 
 @FUZZ
 @given(event_like)
 def test_an_accepted_event_is_encoded_into_a_valid_scored_event(obj: dict[str, Any]) -> None:
     event = _decode(orjson.dumps(obj))
-    if not isinstance(event, InputEvent):
+    if not isinstance(event, DecodedEvent):
         return
     try:
         request = to_request(event, TAGGING)
@@ -93,3 +99,58 @@ def test_an_accepted_event_is_encoded_into_a_valid_scored_event(obj: dict[str, A
     assert scored["labels"] == list(ranked)
     assert scored["metadata"] == event.metadata
     assert scored["hypothesis_template"] == request.hypothesis_template
+
+
+# Plainly valid events, most of which the fast path takes on its own.
+plain_events = st.fixed_dictionaries(
+    {"text": st.text(min_size=1, max_size=600)},
+    optional={
+        "id": st.none() | st.text(max_size=20),
+        "labels": st.none() | st.lists(st.text(min_size=1, max_size=12), max_size=10),
+        "multi_label": st.none() | st.booleans(),
+        "hypothesis_template": st.none() | st.sampled_from(["{}", "a {} b", "{:>9}", "{", ""]),
+        "metadata": st.none() | st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+        "extra": json_values,
+    },
+)
+
+
+def _judged_alike(obj: dict[str, Any]) -> None:
+    """What the fast path accepts, the model accepts as the same event; what the model
+    refuses, the fast path leaves to it."""
+    fast = fast_event(obj, TAGGING)
+    try:
+        judged: DecodedEvent | EventError = validate_event(obj, TAGGING)
+    except EventError as exc:
+        judged = exc
+    if fast is not None:
+        assert fast == judged
+    if isinstance(judged, EventError):
+        assert fast is None
+
+
+@FUZZ
+@given(event_like)
+def test_the_fast_path_never_accepts_what_the_model_refuses(obj: dict[str, Any]) -> None:
+    _judged_alike(orjson.loads(orjson.dumps(obj)))
+
+
+@FUZZ
+@given(plain_events)
+def test_the_fast_path_decodes_plain_events_as_the_model_does(obj: dict[str, Any]) -> None:
+    _judged_alike(orjson.loads(orjson.dumps(obj)))
+
+
+def test_the_fast_path_takes_the_common_event_shapes() -> None:
+    event = {
+        "id": "e-1",
+        "text": "a headline",
+        "labels": ["sports", "finance"],
+        "multi_label": False,
+        "hypothesis_template": "About {}.",
+        "metadata": {"source": "wire", "n": [1, 2]},
+    }
+    assert fast_event(event, TAGGING) == validate_event(event, TAGGING)
+    assert fast_event({"text": "only text"}, TAGGING) == DecodedEvent("only text")
+    for broken in ({"text": " "}, {"text": "a", "multi_label": 1}, {"text": "a", "labels": []}):
+        assert fast_event(broken, TAGGING) is None
