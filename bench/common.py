@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import http.client
 import importlib.metadata
 import json
 import os
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +69,15 @@ SAMPLE_TEXTS: Final = (
     "Shares of the chipmaker jumped after it reported record quarterly profits.",
     "The tennis star withdrew from the tournament with a shoulder injury.",
 )
+# --event-bytes: below this the events cannot be padded (one sample sentence and its JSON
+# already take ~90-115 bytes).
+MIN_EVENT_BYTES: Final = 128
+# --event-bytes: above this the noop scorer's estimate (~4 characters a token, times the
+# 4 labels) passes the worker's default max_event_tokens (65,536) and events would be
+# dead-lettered; max_text_chars (100,000) and Kafka's 1 MB message limit lie further out.
+MAX_EVENT_BYTES: Final = 60_000
+# A /metrics scrape renders in milliseconds; a loaded 2-core machine may stall it briefly.
+METRICS_TIMEOUT_S: Final = 2.0
 LIBRARIES: Final = (
     "confluent-kafka",
     "orjson",
@@ -232,11 +244,36 @@ def create_topics(bootstrap: str, topics: dict[str, tuple[int, dict[str, str]]])
 # -- input ---------------------------------------------------------------------------------
 
 
-def event(index: int) -> tuple[bytes, bytes]:
-    """(key, value) of the ``index``-th small event: ~110 bytes of JSON, keyed by its id."""
+def event(index: int, size: int | None = None) -> tuple[bytes, bytes]:
+    """(key, value) of the ``index``-th event, keyed by its id: the small event (~110 bytes
+    of JSON) unless ``size`` asks for a value of about ``size`` bytes (see ``padded_text``).
+    """
     event_id = f"e-{index}"
-    text = SAMPLE_TEXTS[index % len(SAMPLE_TEXTS)]
+    first = index % len(SAMPLE_TEXTS)
+    if size is None:
+        text = SAMPLE_TEXTS[first]
+    else:
+        empty = len(json.dumps({"id": event_id, "text": ""}))
+        text = padded_text(first, size - empty)
     return event_id.encode(), json.dumps({"id": event_id, "text": text}).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def padded_text(first: int, chars: int) -> str:
+    """News-like text of at most ``chars`` characters (ASCII, so as many bytes in JSON):
+    the sample sentences from ``SAMPLE_TEXTS[first]`` on, round and round, cut after the
+    last whole word that fits. Never shorter than that first sentence."""
+    count = len(SAMPLE_TEXTS)
+    parts: list[str] = []
+    length = -1  # no space before the first sentence
+    while length < chars:
+        sentence = SAMPLE_TEXTS[(first + len(parts)) % count]
+        parts.append(sentence)
+        length += len(sentence) + 1
+    text = " ".join(parts)
+    if len(text) > chars:
+        text = text[: chars + 1].rsplit(" ", 1)[0]
+    return text if len(text) >= len(parts[0]) else parts[0]
 
 
 def fast_producer(bootstrap: str, **extra: Any) -> Producer:
@@ -250,12 +287,32 @@ def fast_producer(bootstrap: str, **extra: Any) -> Producer:
     return Producer(config)
 
 
+@dataclass(frozen=True)
+class InputWritten:
+    """What ``produce_events`` wrote: how long it took, and the values' total size."""
+
+    seconds: float
+    count: int
+    value_bytes: int
+
+    @property
+    def mean_value_bytes(self) -> float:
+        return self.value_bytes / self.count if self.count else 0.0
+
+
 def produce_input(bootstrap: str, topic: str, count: int) -> float:
-    """Write ``count`` events to ``topic`` (spread over its partitions by key); seconds."""
+    """Write ``count`` small events to ``topic`` (spread over its partitions by key); seconds."""
+    return produce_events(bootstrap, topic, count).seconds
+
+
+def produce_events(bootstrap: str, topic: str, count: int, size: int | None = None) -> InputWritten:
+    """Write ``count`` events of about ``size`` bytes (small ones if None) to ``topic``."""
     producer = fast_producer(bootstrap)
     started = time.perf_counter()
+    value_bytes = 0
     for index in range(count):
-        key, value = event(index)
+        key, value = event(index, size)
+        value_bytes += len(value)
         while True:
             try:
                 producer.produce(topic, value=value, key=key)
@@ -267,7 +324,7 @@ def produce_input(bootstrap: str, topic: str, count: int) -> float:
     remaining = producer.flush(120)
     if remaining:
         raise SystemExit(f"{remaining} input events were not acknowledged")
-    return time.perf_counter() - started
+    return InputWritten(time.perf_counter() - started, count, value_bytes)
 
 
 # -- reading results -----------------------------------------------------------------------
@@ -452,6 +509,39 @@ def stop_worker(process: subprocess.Popen[bytes], log_path: Path) -> int:
     if code != 0:
         print(f"worker exited with {code}; its log: {log_path}", file=sys.stderr)
     return code
+
+
+def scrape_metrics(port: int, host: str = "127.0.0.1") -> str | None:
+    """The worker's ``/metrics`` page as text; None when it cannot be read."""
+    try:
+        with urllib.request.urlopen(
+            f"http://{host}:{port}/metrics", timeout=METRICS_TIMEOUT_S
+        ) as response:
+            body: bytes = response.read()
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    return body.decode("utf-8", errors="replace")
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """The sum of every sample of metric ``name`` (any labels) in Prometheus text format;
+    None when there is none. ``name`` is a full sample name, e.g. ``x_seconds_sum``."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        rest = line[len(name) :]
+        if rest.startswith("{"):
+            rest = rest[rest.rfind("}") + 1 :]
+        elif not rest.startswith(" "):
+            continue  # another metric whose name starts with this one
+        fields = rest.split()
+        try:
+            total += float(fields[0])
+        except (IndexError, ValueError):
+            continue
+        found = True
+    return total if found else None
 
 
 def check_alive(process: subprocess.Popen[bytes], log_path: Path) -> None:

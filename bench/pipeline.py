@@ -1,7 +1,10 @@
 """Throughput of ``tagstream run`` against the Kafka ceiling, on a real local broker.
 
 Three scenarios, each on fresh topics (8 partitions) filled with small events *before* it
-starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id):
+starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id). With
+``--event-bytes N`` every event's JSON value is about N bytes instead (its ``text`` padded
+with more news-like sentences, cut at a word; 128 .. 60,000, within the worker's default
+input limits), the same events in every scenario:
 
 * ``ceiling``: a plain confluent-kafka loop in this process that consumes each record and
   produces it unchanged to the output topic: the most any consume-produce pipeline in
@@ -18,19 +21,29 @@ The worker runs with its default settings (``max_batch_size`` 64, ``max_wait_ms`
 2 batches in flight, commits every second) and 4 default labels, unless ``--set`` says
 otherwise.
 
-Measured: events/s = (outputs - 1) / (last - first output timestamp). The output topic
+Measured: events/s = (outputs - 1) / (last - first output timestamp); MB/s of input =
+events/s x the mean input value size (bytes; keys and headers left out; MB = 10^6 bytes).
+The output topic
 uses LogAppendTime, so that is the span from the first record the broker appended (a
 batch after the first input was consumed) to the last one it appended (just before it
 acknowledged it). Each run then waits until the group's committed offsets reach the input's
 log end; ``to_commit_s`` is the time from the first output to that moment (checked twice a
 second). Outputs are counted, and for the worker checked for duplicates and dead letters.
 
+``busy %`` (noop, nli): the share of wall time the worker's inference thread spends inside
+``Scorer.score`` under saturation. The worker serves ``/metrics`` on a free local port;
+``tagstream_inference_seconds_sum`` is scraped at every progress check (twice a second),
+and busy = its growth / the wall time between the first check that sees outputs and the
+last one before all outputs are in (the input is all there beforehand, so the worker is
+saturated in between). Near 100 %: the model is the bottleneck; far below: the rest of
+the pipeline is. ``n/a`` when the scrapes failed or the run was too short for two.
+
 ``--profile`` attaches py-spy to the ``noop`` worker and prints where its CPU time goes
 (per function, self and inclusive, all threads); the raw stacks go to the results folder.
 
-Run from the repository root: ``python -m bench.pipeline [--events N] [--scenarios
-ceiling,noop,nli] [--bootstrap HOST:PORT] [--out DIR] [--profile]``. It starts (and stops)
-its own broker on free ports unless ``--bootstrap`` names one.
+Run from the repository root: ``python -m bench.pipeline [--events N] [--event-bytes N]
+[--scenarios ceiling,noop,nli] [--bootstrap HOST:PORT] [--out DIR] [--profile]``. It
+starts (and stops) its own broker on free ports unless ``--bootstrap`` names one.
 """
 
 from __future__ import annotations
@@ -47,20 +60,26 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from bench.common import (
     ADMIN_TIMEOUT_S,
+    MAX_EVENT_BYTES,
+    MIN_EVENT_BYTES,
     RESULTS,
+    InputWritten,
     Topics,
     broker,
     check_alive,
+    free_port,
     machine_info,
+    metric_value,
     print_table,
-    produce_input,
+    produce_events,
     read_topic,
+    scrape_metrics,
     start_worker,
     stop_worker,
     worker_env,
@@ -89,6 +108,14 @@ PRINT_EVERY_S: Final = 10.0
 # reads the stacks without stopping the process).
 PROFILE_RATE_HZ: Final = 97
 PROFILE_TOP: Final = 30
+# The worker's histogram of Scorer.score durations (worker/observability/metrics.py).
+INFERENCE_METRIC: Final = "tagstream_inference_seconds"
+# The worker's /metrics server listens on loopback only, on a free port per run.
+METRICS_HOST: Final = "127.0.0.1"
+# What the small events of today weigh, for the report (value bytes vary with the id).
+SMALL_EVENTS: Final = "small (~110 bytes)"
+# MB/s of input are decimal megabytes.
+BYTES_PER_MB: Final = 1_000_000
 
 
 @dataclass
@@ -106,6 +133,14 @@ class Result:
     # while outputs were being written: robust to other work sharing the machine.
     cpu_us_per_event: float | None = None
     note: str = ""
+    # Mean size of the input values (JSON, bytes) and events/s times that, in MB/s.
+    value_bytes_mean: float | None = None
+    input_mb_per_s: float | None = None
+    # Worker runs: the inference thread's share of wall time in Scorer.score, the window
+    # it was measured over and the batches scored in it; None where not measured.
+    busy_percent: float | None = None
+    busy_window_s: float | None = None
+    busy_batches: int | None = None
 
 
 # -- (a) the Kafka ceiling -----------------------------------------------------------------
@@ -196,10 +231,27 @@ class CeilingLoop:
         return first or last, last
 
 
-def run_ceiling(bootstrap: str, events: int, partitions: int) -> Result:
+def write_input(bootstrap: str, topic: str, events: int, event_bytes: int | None) -> InputWritten:
+    written = produce_events(bootstrap, topic, events, event_bytes)
+    print(
+        f"  {events:,} input events ({written.mean_value_bytes:,.0f} bytes each on average) "
+        f"written in {written.seconds:.1f} s",
+        flush=True,
+    )
+    return written
+
+
+def add_input_rate(result: Result, written: InputWritten) -> None:
+    """The mean input value size and the MB/s of input it makes at the measured rate."""
+    result.value_bytes_mean = round(written.mean_value_bytes, 1)
+    result.input_mb_per_s = round(result.events_per_s * written.mean_value_bytes / BYTES_PER_MB, 3)
+
+
+def run_ceiling(
+    bootstrap: str, events: int, partitions: int, event_bytes: int | None = None
+) -> Result:
     topics = Topics.create(bootstrap, "ceiling", partitions)
-    seconds = produce_input(bootstrap, topics.input, events)
-    print(f"  {events:,} input events written in {seconds:.1f} s", flush=True)
+    written = write_input(bootstrap, topics.input, events, event_bytes)
     cpu_before = time.process_time()
     first, last = CeilingLoop(bootstrap, topics).run(events)
     cpu = time.process_time() - cpu_before
@@ -215,6 +267,7 @@ def run_ceiling(bootstrap: str, events: int, partitions: int) -> Result:
         exit_code=None,
     )
     result.cpu_us_per_event = round(cpu / events * 1e6, 2)
+    add_input_rate(result, written)
     result.note = (
         f"in-process clock: first consumed -> last acknowledged {last - first:.2f} s, "
         f"{(events - 1) / (last - first):,.0f} events/s"
@@ -269,17 +322,82 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class BusySample(NamedTuple):
+    """One scrape of the worker's inference histogram, with the outputs seen just before."""
+
+    wall_s: float  # time.monotonic() half-way through the scrape
+    outputs: int
+    inference_s: float  # tagstream_inference_seconds_sum
+    batches: float  # tagstream_inference_seconds_count
+
+
+class Busy(NamedTuple):
+    """The inference thread's busy fraction over a saturated window."""
+
+    fraction: float
+    window_s: float
+    batches: int
+
+
+class BusyProbe:
+    """Scrapes the worker's /metrics; a failed scrape is skipped (and counted)."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.samples: list[BusySample] = []
+        self.failures = 0
+
+    def sample(self, outputs: int) -> None:
+        if self.port is None:
+            return
+        before = time.monotonic()
+        text = scrape_metrics(self.port, METRICS_HOST)
+        wall = (before + time.monotonic()) / 2
+        total = None if text is None else metric_value(text, f"{INFERENCE_METRIC}_sum")
+        count = None if text is None else metric_value(text, f"{INFERENCE_METRIC}_count")
+        if total is None or count is None:
+            self.failures += 1
+            return
+        self.samples.append(BusySample(wall, outputs, total, count))
+
+
+def busy_fraction(samples: Sequence[BusySample], events: int) -> Busy | None:
+    """Growth of the inference time over wall time, from the first sample that saw outputs
+    to the last one before all ``events`` outputs were in (the saturated stretch); to the
+    first one after, when the run was too short for two inside. None without two samples."""
+    started = [s for s in samples if s.outputs > 0]
+    saturated = [s for s in started if s.outputs < events]
+    if len(saturated) >= 2:
+        first, last = saturated[0], saturated[-1]
+    elif len(started) >= 2:
+        first, last = started[0], started[1]
+    else:
+        return None
+    window = last.wall_s - first.wall_s
+    if window <= 0:
+        return None
+    fraction = (last.inference_s - first.inference_s) / window
+    return Busy(fraction, window, round(last.batches - first.batches))
+
+
 def wait_for_worker(
-    progress: Progress, process: subprocess.Popen[bytes], log_path: Path, events: int
+    progress: Progress,
+    process: subprocess.Popen[bytes],
+    log_path: Path,
+    events: int,
+    probe: BusyProbe | None = None,
 ) -> tuple[float, float | None]:
     """Until the group's committed offsets reach the input's end; the wall time then, and
-    the worker's CPU µs per event from its first outputs to then."""
+    the worker's CPU µs per event from its first outputs to then. ``probe`` samples the
+    worker's metrics at every check while outputs are coming in."""
     last_change, last_count, last_print = time.monotonic(), -1, 0.0
     cpu_start: tuple[float, int] | None = None
     while True:
         check_alive(process, log_path)
         count = progress.outputs()
         now = time.monotonic()
+        if probe is not None and count > 0 and count != last_count:
+            probe.sample(count)
         if cpu_start is None and count > 0:
             cpu_start = (process_cpu_s(process.pid), count)
         if count >= events and progress.committed_at_end():
@@ -308,19 +426,40 @@ class WorkerRun:
     profile_to: Path | None = None
     # The checkout whose worker runs (--worker-root, to compare two versions).
     root: Path = REPO
+    # Size of each input event's JSON value (bytes); None: the small events.
+    event_bytes: int | None = None
+
+
+def metrics_settings(settings: dict[str, str]) -> dict[str, str]:
+    """``settings`` with the worker's /metrics server on a free loopback port (unless they
+    name a port themselves)."""
+    return {
+        "TAGSTREAM_METRICS_HOST": METRICS_HOST,
+        "TAGSTREAM_METRICS_PORT": str(free_port()),
+        **settings,
+    }
+
+
+def metrics_port(env: dict[str, str]) -> int | None:
+    """The port the worker's /metrics server will listen on; None when it is off."""
+    try:
+        port = int(env.get("TAGSTREAM_METRICS_PORT", ""))
+    except ValueError:
+        return None
+    return port if port > 0 else None
 
 
 def run_worker(bootstrap: str, partitions: int, run: WorkerRun, logs: Path) -> Result:
     topics = Topics.create(bootstrap, run.scenario, partitions)
-    seconds = produce_input(bootstrap, topics.input, run.events)
-    print(f"  {run.events:,} input events written in {seconds:.1f} s", flush=True)
+    written = write_input(bootstrap, topics.input, run.events, run.event_bytes)
     log_path = logs / f"worker-{run.scenario}.log"
-    env = worker_env(bootstrap, topics, run.settings, run.root)
+    env = worker_env(bootstrap, topics, metrics_settings(run.settings), run.root)
     process = start_worker(env, log_path, run.root)
     profiler = None if run.profile_to is None else _attach_profiler(process.pid, run.profile_to)
     progress = Progress(bootstrap, topics)
+    probe = BusyProbe(metrics_port(env))
     try:
-        committed, cpu_us = wait_for_worker(progress, process, log_path, run.events)
+        committed, cpu_us = wait_for_worker(progress, process, log_path, run.events, probe)
     finally:
         progress.close()
         if profiler is not None:
@@ -338,7 +477,22 @@ def run_worker(bootstrap: str, partitions: int, run: WorkerRun, logs: Path) -> R
         exit_code=code,
     )
     result.cpu_us_per_event = cpu_us
+    add_input_rate(result, written)
+    add_busy(result, probe, run.events)
     return result
+
+
+def add_busy(result: Result, probe: BusyProbe, events: int) -> None:
+    busy = busy_fraction(probe.samples, events)
+    if busy is None:
+        print(
+            f"  busy %: n/a ({len(probe.samples)} scrapes of /metrics, {probe.failures} failed)",
+            flush=True,
+        )
+        return
+    result.busy_percent = round(100 * busy.fraction, 1)
+    result.busy_window_s = round(busy.window_s, 2)
+    result.busy_batches = busy.batches
 
 
 def _result(
@@ -456,6 +610,56 @@ def print_profile(summary: dict[str, Any]) -> None:
 # -- main ----------------------------------------------------------------------------------
 
 
+def busy_note(result: Result) -> str:
+    if result.busy_percent is None:
+        return ""
+    return f", inference busy {result.busy_percent:.1f} % of {result.busy_window_s:.2f} s"
+
+
+def busy_cell(result: Result) -> object:
+    """The busy % of a worker run, ``n/a`` where it could not be measured; blank for the
+    ceiling loop (it has no inference thread)."""
+    if result.scenario == "ceiling":
+        return None
+    return "n/a" if result.busy_percent is None else result.busy_percent
+
+
+def print_results(results: Sequence[Result]) -> None:
+    print_table(
+        [
+            "scenario",
+            "events",
+            "event B",
+            "events/s",
+            "MB/s",
+            "busy %",
+            "span s",
+            "to commit s",
+            "CPU µs/event",
+            "dead",
+            "dupes",
+            "exit",
+        ],
+        [
+            [
+                r.scenario,
+                r.outputs,
+                r.value_bytes_mean,
+                r.events_per_s,
+                r.input_mb_per_s,
+                busy_cell(r),
+                r.span_s,
+                r.to_commit_s,
+                r.cpu_us_per_event,
+                r.dead_letters,
+                r.duplicates,
+                r.exit_code,
+            ]
+            for r in results
+        ],
+    )
+
+
 def tiny_nli_model(directory: Path) -> Path:
     from tests.support.models import build_tiny_bart
 
@@ -480,6 +684,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise argparse.ArgumentTypeError(f"unknown scenario(s): {', '.join(unknown)}")
         return chosen
 
+    def event_bytes(value: str) -> int:
+        size = int(value)
+        if not MIN_EVENT_BYTES <= size <= MAX_EVENT_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"expected {MIN_EVENT_BYTES} .. {MAX_EVENT_BYTES} bytes, got {size}"
+            )
+        return size
+
     def setting(value: str) -> tuple[str, str]:
         key, sep, val = value.partition("=")
         if not sep or not key:
@@ -490,6 +702,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=DEFAULT_EVENTS)
     parser.add_argument("--nli-events", type=int, default=DEFAULT_NLI_EVENTS)
     parser.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS)
+    parser.add_argument(
+        "--event-bytes",
+        type=event_bytes,
+        default=None,
+        metavar="N",
+        help="each input event's JSON value about N bytes (default: small, ~110 bytes)",
+    )
     parser.add_argument("--scenarios", type=scenarios, default=list(SCENARIOS))
     parser.add_argument(
         "--set",
@@ -528,17 +747,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_to = out / "profile-noop.raw" if args.profile else None
         noop = {"TAGSTREAM_SCORER": NOOP_SCORER, **extra}
         runs: dict[str, Callable[[], Result]] = {
-            "ceiling": lambda: run_ceiling(bootstrap, args.events, args.partitions),
+            "ceiling": lambda: run_ceiling(
+                bootstrap, args.events, args.partitions, args.event_bytes
+            ),
             "noop": lambda: run_worker(
                 bootstrap,
                 args.partitions,
-                WorkerRun("noop", args.events, noop, profile_to, root),
+                WorkerRun("noop", args.events, noop, profile_to, root, args.event_bytes),
                 out,
             ),
             "nli": lambda: run_worker(
                 bootstrap,
                 args.partitions,
-                WorkerRun("nli", args.nli_events, nli_settings(Path(scratch), extra), None, root),
+                WorkerRun(
+                    "nli",
+                    args.nli_events,
+                    nli_settings(Path(scratch), extra),
+                    None,
+                    root,
+                    args.event_bytes,
+                ),
                 out,
             ),
         }
@@ -547,8 +775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = runs[scenario]()
             results.append(result)
             print(
-                f"  {result.events_per_s:,.0f} events/s over {result.span_s:.2f} s "
-                f"({result.outputs:,} outputs) {result.note}",
+                f"  {result.events_per_s:,.0f} events/s = {result.input_mb_per_s or 0:.2f} MB/s "
+                f"over {result.span_s:.2f} s ({result.outputs:,} outputs){busy_note(result)} "
+                f"{result.note}",
                 flush=True,
             )
     if args.profile and (out / "profile-noop.raw").exists():
@@ -559,33 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "ceiling" in by_name and "noop" in by_name:
         ratio = round(by_name["noop"].events_per_s / by_name["ceiling"].events_per_s, 3)
     print()
-    print_table(
-        [
-            "scenario",
-            "events",
-            "events/s",
-            "span s",
-            "to commit s",
-            "CPU µs/event",
-            "dead",
-            "dupes",
-            "exit",
-        ],
-        [
-            [
-                r.scenario,
-                r.outputs,
-                r.events_per_s,
-                r.span_s,
-                r.to_commit_s,
-                r.cpu_us_per_event,
-                r.dead_letters,
-                r.duplicates,
-                r.exit_code,
-            ]
-            for r in results
-        ],
-    )
+    print_results(results)
     if ratio is not None:
         print(f"\nnoop / ceiling = {ratio:.3f} (goal >= 0.5)")
     load = os.getloadavg()
@@ -599,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "events": args.events,
                 "nli_events": args.nli_events,
                 "partitions": args.partitions,
+                "event_bytes": args.event_bytes or SMALL_EVENTS,
                 "worker_settings": extra or "defaults",
                 "labels_per_event": 4,
                 "timestamps": "LogAppendTime on the output topic",

@@ -40,6 +40,9 @@ NAME: Final = "noop"
 REVISION: Final = "v1"
 # A pair's special tokens (<s> premise </s></s> hypothesis </s> for BART-style models).
 SPECIAL_TOKENS_PER_PAIR: Final = 4
+# Tokens a pair is cut to, as an NLI model's tokenizer truncates (bart-large-mnli and the
+# DeBERTa NLI models: 512), so a long text costs the batch budget what it would cost a model.
+MAX_PAIR_TOKENS: Final = 512
 # Scores are the low 16 bits of a CRC-32 over this: 65,536 distinct values in 0..1.
 SCORE_BITS: Final = 0xFFFF
 # Label sets (and templates) remembered at once; a stream uses a handful, the cap only
@@ -74,7 +77,8 @@ class NoopScorer:
         return self._budget
 
     def estimate_tokens(self, request: ScoreRequest) -> int:
-        """Per label: the text's tokens + the hypothesis' tokens + the pair's special ones."""
+        """Per label: the text's tokens + the hypothesis' tokens + the pair's special ones,
+        each pair cut to :data:`MAX_PAIR_TOKENS` as a model's tokenizer would."""
         labels = request.labels
         key = (request.hypothesis_template, labels)
         hypotheses = self._hypothesis_tokens.get(key)
@@ -83,7 +87,7 @@ class NoopScorer:
             hypotheses = sum(estimated_tokens(template + len(label)) for label in labels)
             _remember(self._hypothesis_tokens, key, hypotheses)
         text = estimated_tokens(len(request.text)) + SPECIAL_TOKENS_PER_PAIR
-        return text * len(labels) + hypotheses
+        return min(text * len(labels) + hypotheses, MAX_PAIR_TOKENS * len(labels))
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         return [self._score_one(request) for request in requests]
