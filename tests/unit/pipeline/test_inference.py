@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import cast
@@ -187,7 +188,10 @@ def test_events_revoked_while_being_scored_are_abandoned_not_written() -> None:
     assert abandoned == [0, 1]
 
 
-def test_the_thread_waits_inside_the_idle_hook_and_logs_each_batch_with_its_id() -> None:
+def test_the_thread_waits_inside_the_idle_hook_and_logs_each_batch_with_its_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="worker.pipeline.inference")
     observer = RecordingObserver()
     handoff = Handoff(2)
     stage, producer, _ = _stage(observer=observer, handoff=handoff)
@@ -205,6 +209,22 @@ def test_the_thread_waits_inside_the_idle_hook_and_logs_each_batch_with_its_id()
     assert observer.waits == 2  # one wait that got the batch, one that saw the close
     (scored,) = [entry for entry in logs if entry["event"] == "batch scored"]
     assert (scored["batch_id"], scored["size"], scored["log_level"]) == (7, 1, "debug")
+    assert "batch_id" not in structlog.contextvars.get_contextvars()  # unbound after it
+
+
+def test_the_per_batch_debug_line_is_not_built_below_debug_level(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="worker.pipeline.inference")
+    handoff = Handoff(2)
+    stage, producer, _ = _stage(handoff=handoff)
+    assert handoff.try_submit(_batch(["sports"], OffsetTracker()))
+    handoff.close()
+    with structlog.testing.capture_logs() as logs:
+        stage.start()
+        assert stage.join(timeout_s=10)
+    assert len(producer.sent) == 1
+    assert [entry for entry in logs if entry["event"] == "batch scored"] == []
 
 
 # -- warm-up ------------------------------------------------------------------------------
