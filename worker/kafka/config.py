@@ -13,6 +13,16 @@ from worker.config.settings import KafkaSettings
 # A few milliseconds of lingering turns a scored micro-batch into a handful of produce
 # requests instead of one request per event, at no visible latency cost.
 PRODUCER_LINGER_MS: Final = 5
+# librdkafka's prefetch queue (its default: 64 MiB) holds fetched records outside the
+# worker's own byte bound (TAGSTREAM_MAX_BUFFERED_BYTES, 32 MiB); 16 MiB is still about two
+# seconds of input at the no-model worker's 4 KiB rate (8.9 MB/s) and keeps the process's
+# worst case near 50 MiB of records instead of 100.
+CONSUMER_QUEUED_MAX_KBYTES: Final = 16_384
+# Left at librdkafka's defaults, on purpose: fetch.min.bytes 1 (a fetch answers as soon as
+# anything is there; a larger minimum buys fewer requests with latency, and the worker is
+# bound by per-event Python work, not by requests) and no producer compression (the
+# broker's topic configuration can compress; a client-side codec is a per-deployment choice:
+# TAGSTREAM_PRODUCER_CONFIG='{"compression.type": "lz4"}').
 # The solo producer re-sends a record that the broker refused as too large, alone, to tell
 # "this record is too large" apart from "its batch was too large".
 SOLO_BATCH_MESSAGES: Final = 1
@@ -44,6 +54,7 @@ def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
         "client.id": kafka.client_id,
         "auto.offset.reset": kafka.auto_offset_reset,
         "group.protocol": kafka.group_protocol,
+        "queued.max.messages.kbytes": CONSUMER_QUEUED_MAX_KBYTES,
         **security_config(kafka),
     }
     if kafka.group_protocol == "classic":

@@ -288,6 +288,12 @@ def test_the_consumer_never_commits_or_stores_offsets_by_itself() -> None:
     assert "group.instance.id" not in config
 
 
+def test_the_consumer_prefetch_is_bounded_unless_the_user_says_otherwise() -> None:
+    assert consumer_config(_kafka())["queued.max.messages.kbytes"] == 16_384
+    roomy = consumer_config(_kafka(consumer_config={"queued.max.messages.kbytes": 65_536}))
+    assert roomy["queued.max.messages.kbytes"] == 65_536
+
+
 def test_the_kip848_protocol_leaves_the_assignor_to_the_broker() -> None:
     config = consumer_config(_kafka(group_protocol="consumer", group_instance_id="replica-0"))
     assert config["group.protocol"] == "consumer"
