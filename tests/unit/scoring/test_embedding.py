@@ -23,12 +23,17 @@ from worker.contract.scorer import (
 )
 from worker.scoring.cache import MAX_CACHED_HYPOTHESIS_CHARS
 from worker.scoring.embedding import (
-    MULTI_LABEL_CENTER,
+    ANCHOR_MARGIN,
+    LABEL_DESCRIPTIONS,
     PACKAGED_MODEL_NAME,
     EmbeddingScorer,
+    anchor_sentences,
+    best_competitor,
+    label_sentences,
     packaged_model_dir,
+    prototype,
+    relative_scores,
     resolve_source,
-    similarity_scores,
 )
 
 TEMPLATE = "This example is {}."
@@ -164,13 +169,16 @@ def test_multi_label_ranks_the_topic_first(scorer: EmbeddingScorer) -> None:
         assert all(0.0 <= value <= 1.0 for value in values)
 
 
-def test_multi_label_scores_each_label_independently(scorer: EmbeddingScorer) -> None:
+def test_multi_label_scores_are_relative_to_the_other_labels(scorer: EmbeddingScorer) -> None:
     together = as_dict(scorer.score([request(FINANCE_TEXT)])[0])
     alone = as_dict(scorer.score([request(FINANCE_TEXT, labels=("finance",))])[0])
-    assert alone["finance"] == pytest.approx(together["finance"], abs=1e-6)
+    # Alone, a label only competes with the neutral anchor; its score is still its own.
+    assert alone["finance"] > 0.5
+    weather_alone = as_dict(scorer.score([request(FINANCE_TEXT, labels=("weather",))])[0])
+    assert weather_alone["weather"] < 0.5  # no closer than "This example is a text."
+    assert together["weather"] < 0.5
     single = as_dict(scorer.score([request(FINANCE_TEXT, False, labels=("finance",))])[0])
     assert single["finance"] == pytest.approx(1.0)  # a one-label distribution is certain
-    assert alone["finance"] < 0.99  # the multi-label score is the label's own
 
 
 def test_single_label_is_a_distribution_over_labels(scorer: EmbeddingScorer) -> None:
@@ -214,18 +222,21 @@ def test_truncated_text_scores_like_its_kept_prefix(scorer: EmbeddingScorer) -> 
     assert as_dict(cut) == pytest.approx(as_dict(whole), abs=1e-5)
 
 
-def test_hypothesis_embeddings_are_cached(
+def test_label_prototypes_are_cached(
     build: Callable[..., tuple[EmbeddingScorer, CountingModel]],
 ) -> None:
     built, model = build()
     first = built.score([request(SPORTS_TEXT)])
-    assert built.cache_stats.misses == len(TOPICS)
+    prototypes = len(TOPICS) + 1  # one per label, and the template's anchor
+    sentences = {s for label in TOPICS for s in label_sentences(TEMPLATE, label)}
+    sentences.update(anchor_sentences(TEMPLATE))
+    assert built.cache_stats.misses == prototypes
     assert built.cache_stats.hits == 0
-    assert sum(model.rows) == 1 + len(TOPICS)
+    assert sum(model.rows) == 1 + len(sentences)  # each sentence embedded once
     model.rows.clear()
     second = built.score([request(SPORTS_TEXT)])
-    assert built.cache_stats.hits == len(TOPICS)
-    assert built.cache_stats.size == len(TOPICS)
+    assert built.cache_stats.hits == prototypes
+    assert built.cache_stats.size == prototypes
     assert model.rows == [1]  # only the text went through the model
     assert as_dict(second[0]) == as_dict(first[0])
 
@@ -233,14 +244,14 @@ def test_hypothesis_embeddings_are_cached(
 def test_hypothesis_cache_is_bounded_lru(
     build: Callable[..., tuple[EmbeddingScorer, CountingModel]],
 ) -> None:
-    built, _ = build(label_cache_size=2)
+    built, _ = build(label_cache_size=3)  # room for two labels and the anchor
     built.score([request(SPORTS_TEXT, labels=("sports", "finance"))])
     built.score([request(SPORTS_TEXT, labels=("sports",))])  # sports is now most recent
     built.score([request(SPORTS_TEXT, labels=("weather",))])  # evicts finance
-    assert built.cache_stats.size == 2
+    assert built.cache_stats.size == 3
     hits = built.cache_stats.hits
     built.score([request(SPORTS_TEXT, labels=("sports", "weather"))])
-    assert built.cache_stats.hits == hits + 2
+    assert built.cache_stats.hits == hits + 3
 
 
 def test_results_do_not_depend_on_batch_budget_or_padding(
@@ -253,7 +264,7 @@ def test_results_do_not_depend_on_batch_budget_or_padding(
     narrow = [as_dict(outcome) for outcome in tight.score(requests)]
     for a, b in zip(wide, narrow, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
-    assert max(roomy_model.rows) == len(requests)  # all texts padded into one pass
+    assert roomy_model.rows[0] == len(requests)  # all texts padded into one pass
     assert len(tight_model.rows) > len(roomy_model.rows)
 
 
@@ -310,12 +321,58 @@ def test_estimate_tokens_grows_with_text_up_to_the_limit(scorer: EmbeddingScorer
     assert scorer.estimate_tokens(request("word " * 10_000)) == MINILM_MAX_LENGTH
 
 
-def test_similarity_mapping_constants() -> None:
-    at_center = similarity_scores(torch.tensor([MULTI_LABEL_CENTER]), multi_label=True)
-    assert at_center.item() == pytest.approx(0.5)
-    spread = similarity_scores(torch.tensor([0.4, 0.2, 0.0]), multi_label=False)
+def test_best_competitor_is_the_best_other_label_or_the_anchor() -> None:
+    cosines = torch.tensor([[0.4, 0.2, 0.1], [0.3, 0.3, 0.0]])
+    anchor = torch.tensor([0.15, 0.35])
+    competitors = best_competitor(cosines, anchor).flatten().tolist()
+    assert competitors == pytest.approx([0.2, 0.4, 0.4, 0.35, 0.35, 0.35])
+    alone = best_competitor(torch.tensor([[0.4]]), torch.tensor([0.1]))
+    assert alone.flatten().tolist() == pytest.approx([0.1])
+
+
+def test_relative_scores_tag_the_best_label_and_clear_second_topics() -> None:
+    anchor = torch.tensor([0.05])
+    # 0.30 beats every alternative; 0.27 is far above the anchor; 0.12 is neither.
+    scores = relative_scores(torch.tensor([[0.30, 0.27, 0.12]]), anchor, multi_label=True)
+    assert scores[0, 0] > 0.5
+    assert scores[0, 1] > 0.5  # 0.27 - 0.05 > ANCHOR_MARGIN
+    assert scores[0, 2] < 0.05
+    tie = relative_scores(torch.tensor([[0.2, 0.2]]), torch.tensor([0.1]), multi_label=True)
+    assert tie.flatten().tolist() == pytest.approx([0.5, 0.5])
+    at_margin = relative_scores(
+        torch.tensor([[0.5, 0.1 + ANCHOR_MARGIN]]), torch.tensor([0.1]), multi_label=True
+    )
+    assert at_margin[0, 1].item() == pytest.approx(0.5)
+    below_anchor = relative_scores(torch.tensor([[0.1]]), torch.tensor([0.2]), multi_label=True)
+    assert below_anchor.item() < 0.5
+    spread = relative_scores(torch.tensor([[0.4, 0.2, 0.0]]), anchor, multi_label=False)
     assert spread.sum().item() == pytest.approx(1.0)
-    assert spread[0].item() > 0.99
+    assert spread[0, 0].item() > 0.99
+
+
+def test_label_sentences_add_descriptions_of_known_labels_only() -> None:
+    assert label_sentences(TEMPLATE, "weather") == (
+        "This example is weather.",
+        *LABEL_DESCRIPTIONS["weather"],
+    )
+    assert label_sentences(TEMPLATE, " Weather ")[1:] == LABEL_DESCRIPTIONS["weather"]
+    assert label_sentences("About {}", "knitting") == ("About knitting",)
+    assert anchor_sentences("About {}") == ("About a text",)
+    assert all(key == key.lower() for key in LABEL_DESCRIPTIONS)
+
+
+def test_prototype_is_the_normalised_mean() -> None:
+    vectors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    assert prototype(vectors).tolist() == pytest.approx([2**-0.5, 2**-0.5])
+    assert prototype(vectors[:1]).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_a_custom_label_uses_the_template_alone(scorer: EmbeddingScorer) -> None:
+    labels = ("sports", "knitting")
+    outcome = scores_of(scorer.score([request(SPORTS_TEXT, labels=labels)])[0])
+    assert outcome.labels[0] == "sports"
+    custom = scorer.score([request("She knitted a scarf from alpaca wool", labels=labels)])[0]
+    assert scores_of(custom).labels[0] == "knitting"
 
 
 def test_a_long_hypothesis_is_embedded_but_not_kept(
@@ -325,4 +382,4 @@ def test_a_long_hypothesis_is_embedded_but_not_kept(
     long_label = "x" * (MAX_CACHED_HYPOTHESIS_CHARS + 1)
     outcomes = built.score([request(SPORTS_TEXT, labels=("sports", long_label))])
     assert isinstance(outcomes[0], LabelScores)
-    assert built.cache_stats.size == 1  # only the short one
+    assert built.cache_stats.size == 2  # the short one and the anchor, not the long one
