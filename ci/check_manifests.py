@@ -5,7 +5,7 @@
 Core kinds are checked with ``kubernetes-validate`` against the bundled OpenAPI schemas of the
 given Kubernetes version, in strict mode (unknown fields are errors). The custom resources the
 chart can emit (KEDA ScaledObject and TriggerAuthentication, Prometheus Operator
-ServiceMonitor) have no bundled schema, so they are checked here against the fields their CRDs
+ServiceMonitor and PrometheusRule) have no bundled schema, so they are checked here against the fields their CRDs
 require, plus the invariants the chart promises (a Kafka trigger on the consumer group's lag,
 ``maxReplicaCount`` set). Every resource must carry the standard ``app.kubernetes.io`` labels.
 A kind that is neither core nor one of those is an error, so nothing passes unchecked.
@@ -155,6 +155,48 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
     },
 }
 
+PROMETHEUS_RULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {"type": "string", "minLength": 1},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": {"type": "string", "pattern": _DURATION},
+                                        "labels": {"type": "object"},
+                                        "annotations": {"type": "object"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 
 def _check_scaled_object(doc: dict[str, Any]) -> list[str]:
     spec = doc["spec"]
@@ -178,6 +220,7 @@ CUSTOM_KINDS: dict[tuple[str, str], tuple[dict[str, Any], SemanticCheck]] = {
         _no_extra_check,
     ),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): (SERVICE_MONITOR_SCHEMA, _no_extra_check),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): (PROMETHEUS_RULE_SCHEMA, _no_extra_check),
 }
 
 

@@ -7,7 +7,7 @@
 #      the HPA alternative, and with every optional resource plus mutual TLS; each rendering is
 #      validated offline by ci/check_manifests.py
 #      (kubernetes-validate for core kinds, required fields for ScaledObject,
-#      TriggerAuthentication and ServiceMonitor),
+#      TriggerAuthentication, ServiceMonitor and PrometheusRule),
 #   4. docker-compose.yml with `docker compose config -q` where the compose plugin exists, else
 #      Debian's docker-compose, for the default, gpu and monitoring profiles.
 # `--tools-only` stops after step 1 (what `make test` needs for tests/unit/test_deploy.py).
@@ -82,12 +82,13 @@ render_and_check() {
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" "$out/default.yaml"
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" \
     --expect-kind ScaledObject --expect-kind TriggerAuthentication --expect-kind ServiceMonitor \
-    "$out/all-on.yaml"
+    --expect-kind PrometheusRule "$out/all-on.yaml"
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" \
-    --expect-kind HorizontalPodAutoscaler --expect-kind ServiceMonitor "$out/hpa.yaml"
+    --expect-kind HorizontalPodAutoscaler --expect-kind ServiceMonitor --expect-kind PrometheusRule \
+    "$out/hpa.yaml"
   "$PYTHON" ci/check_manifests.py --kube-version "$KUBE_VERSION" "${core[@]}" \
     --expect-kind ScaledObject --expect-kind TriggerAuthentication --expect-kind ServiceMonitor \
-    "$out/tls.yaml"
+    --expect-kind PrometheusRule "$out/tls.yaml"
 }
 
 compose_command() {

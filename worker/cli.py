@@ -1,4 +1,4 @@
-"""The ``tagstream`` command line: ``run``, ``score``, ``produce`` and ``schemas``."""
+"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay`` and ``schemas``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("run", "consume, score and produce: the streaming worker"),
     "score": ("score", "score JSON-lines events from a file or stdin to stdout"),
     "produce": ("produce", "send input events to a topic"),
+    "replay": ("replay", "send dead-lettered inputs back into the stream"),
     "schemas": ("schemas", "write the JSON Schema files of the event contract"),
 }
 

@@ -3,11 +3,12 @@
 =====  =============================================================================
 0      success; ``run``: a graceful stop (SIGTERM/SIGINT)
 1      ``run``: a second signal cut the stop short; ``produce``: events left
-       undelivered; ``schemas --check``: the committed schemas drifted
+       undelivered; ``replay``: a replay not acknowledged, the end not reached, or
+       interrupted; ``schemas --check``: the committed schemas drifted
 2      usage: an invalid or missing setting (the message names it), a missing topic,
        a metrics port that is taken, a scorer that cannot be built
 3      ``run``: a fatal runtime error stopped the worker (a model that cannot be loaded
-       or warmed up included)
+       or warmed up included); ``replay``: a fatal Kafka error
 =====  =============================================================================
 """
 

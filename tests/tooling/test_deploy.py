@@ -238,9 +238,20 @@ def test_all_on_values_turn_every_optional_resource_on() -> None:
         "ScaledObject",
         "TriggerAuthentication",
         "ServiceMonitor",
+        "PrometheusRule",
         "PodDisruptionBudget",
     }
     assert "HorizontalPodAutoscaler" in kinds(render(*ALL_ON_ARGS, "--set", "autoscaling.kind=hpa"))
+
+
+def test_the_prometheus_rule_carries_the_compose_alerts_untemplated() -> None:
+    rule = one(render(*sets("metrics.prometheusRule.enabled=true")), "PrometheusRule")
+    shipped = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == shipped["groups"]
+    # Prometheus' own templates reach it as written, not rendered (or broken) by helm.
+    summaries = [r["annotations"]["summary"] for r in rule["spec"]["groups"][0]["rules"]]
+    assert any("{{ $labels.instance }}" in summary for summary in summaries)
+    assert "PrometheusRule" not in kinds(render())
 
 
 def test_notes_describe_the_release(tmp_path: Path) -> None:

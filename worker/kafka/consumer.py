@@ -152,6 +152,59 @@ class KafkaConsumer:
         self._on_commit_result(None, outcome)
         return next((error for _, _, error in outcome if error is not None), None)
 
+    # -- metadata and positions (start-up and end-of-log checks of one-off commands) -------
+
+    def partitions(self, topic: str, timeout_s: float) -> list[int] | None:
+        """The partition numbers of ``topic``; ``None`` when the cluster does not have it.
+
+        Raises :class:`KafkaFatalError` when the cluster does not answer within ``timeout_s``.
+        """
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=timeout_s)
+        except KafkaException as exc:
+            raise fatal_error(f"cannot read the metadata of {topic}", exc.args[0]) from None
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            return None
+        return sorted(found.partitions)
+
+    def watermarks(self, key: PartitionKey, timeout_s: float) -> tuple[int, int]:
+        """(low, high) watermark offsets of one partition, asked of the broker.
+
+        Raises :class:`KafkaFatalError` when the broker does not answer within ``timeout_s``.
+        """
+        try:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(*key), timeout=timeout_s, cached=False
+            )
+        except KafkaException as exc:
+            raise fatal_error(
+                f"cannot read the offsets of {key[0]}[{key[1]}]", exc.args[0]
+            ) from None
+        return int(low), int(high)
+
+    def committed(
+        self, keys: Sequence[PartitionKey], timeout_s: float
+    ) -> dict[PartitionKey, int | None]:
+        """The group's committed position of each partition (``None``: nothing committed).
+
+        Raises :class:`KafkaFatalError` when the coordinator does not answer within ``timeout_s``.
+        """
+        if not keys:
+            return {}
+        try:
+            found = self._consumer.committed(_partitions(keys), timeout=timeout_s)
+        except KafkaException as exc:
+            raise fatal_error("cannot read the committed offsets", exc.args[0]) from None
+        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in found}
+
+    def position(self, keys: Sequence[PartitionKey]) -> dict[PartitionKey, int | None]:
+        """The next offset this consumer fetches in each partition (``None``: not known yet)."""
+        if not keys:
+            return {}
+        found = self._consumer.position(_partitions(keys))
+        return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in found}
+
     def close(self) -> None:
         """Leave the group (a static member stays until its session times out)."""
         try:

@@ -262,6 +262,11 @@ class WorkerMetrics:
             "1 while most events fail to score (nothing dead-lettered, input paused).",
             registry=reg,
         )
+        self._ready = Gauge(
+            metric_name("ready"),
+            "1 while /readyz answers 200 (model warmed up, group joined, circuit closed).",
+            registry=reg,
+        )
         self._assigned = Gauge(
             metric_name("assigned_partitions"),
             "Partitions assigned to this worker.",
@@ -361,6 +366,11 @@ class WorkerMetrics:
     def set_uncommitted_window(self, oldest_pending_s: float, largest_window: int) -> None:
         self._oldest_pending.set(oldest_pending_s)
         self._uncommitted_window.set(largest_window)
+
+    def track_ready(self, source: Callable[[], bool]) -> None:
+        """Sample readiness at scrape time (e.g. ``lambda: health.readiness().ok``), so the
+        gauge and ``/readyz`` never disagree."""
+        self._ready.set_function(lambda: 1.0 if source() else 0.0)
 
     def set_circuit_open(self, is_open: bool) -> None:
         self._circuit_open.set(1 if is_open else 0)

@@ -69,6 +69,7 @@ def start_observability(
     port is taken."""
     metrics = metrics if metrics is not None else WorkerMetrics()
     health = HealthState(settings.health_stale_after_s)
+    metrics.track_ready(lambda: health.readiness().ok)
     observer = MetricsObserver(metrics, max_batch_size=max_batch_size, health=health)
     server = start_observability_server(settings, metrics.registry, health)
     return Observability(settings, metrics, health, observer, server)

@@ -21,11 +21,13 @@ from tests.support.observability import (
     samples,
     value,
 )
+from worker.config.observability import ObservabilitySettings
 from worker.observability.gpu import GpuMemory, torch_cuda_memory
 from worker.observability.health import HealthState
 from worker.observability.lag import parse_statistics
 from worker.observability.metrics import WorkerMetrics
 from worker.observability.observer import MetricsObserver
+from worker.observability.setup import start_observability
 
 # Every metric issue 5 asks for, by family name as prometheus_client reports it
 # (counters without their _total suffix).
@@ -56,6 +58,7 @@ EXPECTED_FAMILIES = {
         "tagstream_oldest_pending_seconds",
         "tagstream_uncommitted_window_messages",
         "tagstream_circuit_open",
+        "tagstream_ready",
         "tagstream_assigned_partitions",
         "tagstream_consumer_lag_messages",
         "tagstream_consumer_lag_seconds",
@@ -77,7 +80,7 @@ UNIT_SUFFIXES = (
 )
 
 # Gauges of a state, 0 or 1, which have no unit.
-FLAGS = {"tagstream_circuit_open"}
+FLAGS = {"tagstream_circuit_open", "tagstream_ready"}
 
 
 def _lag(metrics: WorkerMetrics, unit: str, partition: int) -> float | None:
@@ -482,3 +485,21 @@ def test_full_exposition_is_parseable_with_everything_recorded() -> None:
     names = {name for name, _ in samples(metrics)}
     assert "tagstream_consumer_lag_seconds" in names
     assert "tagstream_model_info" in names
+
+
+def test_ready_follows_the_readiness_probe_at_scrape_time() -> None:
+    obs = start_observability(
+        ObservabilitySettings(metrics_port=0), max_batch_size=8, metrics=new_metrics()
+    )
+    try:
+        assert value(obs.metrics, "tagstream_ready") == 0  # model not loaded, group not joined
+        obs.health.mark_model_ready()
+        obs.health.mark_joined()
+        assert value(obs.metrics, "tagstream_ready") == 1
+        obs.health.mark_scorer_failing(True)
+        assert value(obs.metrics, "tagstream_ready") == 0
+        obs.health.mark_scorer_failing(False)
+        obs.health.mark_shutting_down()
+        assert value(obs.metrics, "tagstream_ready") == 0
+    finally:
+        obs.close()
