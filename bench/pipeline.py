@@ -1,6 +1,6 @@
 """Throughput of ``tagstream run`` against the Kafka ceiling, on a real local broker.
 
-Three scenarios, each on fresh topics (8 partitions) filled with small events *before* it
+Four scenarios, each on fresh topics (8 partitions) filled with small events *before* it
 starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id). With
 ``--event-bytes N`` every event's JSON value is about N bytes instead (its ``text`` padded
 with more news-like sentences, cut at a word; 128 .. 60,000, within the worker's default
@@ -14,6 +14,8 @@ input limits), the same events in every scenario:
   (``consume(500)``) and commit interval (1 s, asynchronous, of acknowledged offsets).
 * ``noop``: ``tagstream run`` as a subprocess with ``worker.scoring.noop:NoopScorer``:
   every step of the worker, no model work. Goal: noop / ceiling >= 0.5.
+* ``noop-eos``: ``noop`` with ``TAGSTREAM_PROCESSING_GUARANTEE=exactly-once``: the cost of
+  the transactions (a checkpoint that drains every commit interval) against ``noop``.
 * ``nli``: ``tagstream run`` with the tiny 2+2-layer NLI model of the tests (CPU, float32;
   ``--nli-events``, default 20,000, because the model is the bottleneck there).
 
@@ -91,7 +93,8 @@ from worker.pipeline.worker import POLL_MAX_RECORDS
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCENARIOS: Final = ("ceiling", "noop", "nli")
+SCENARIOS: Final = ("ceiling", "noop", "noop-eos", "nli")
+EXACTLY_ONCE: Final = {"TAGSTREAM_PROCESSING_GUARANTEE": "exactly-once"}
 DEFAULT_EVENTS: Final = 200_000
 # The tiny NLI model scores ~1-3k events/s on 2 cores: 20k events keep that run near 10-20 s.
 DEFAULT_NLI_EVENTS: Final = 20_000
@@ -754,6 +757,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bootstrap,
                 args.partitions,
                 WorkerRun("noop", args.events, noop, profile_to, root, args.event_bytes),
+                out,
+            ),
+            "noop-eos": lambda: run_worker(
+                bootstrap,
+                args.partitions,
+                WorkerRun(
+                    "noop-eos",
+                    args.events,
+                    {**noop, **EXACTLY_ONCE},
+                    None,
+                    root,
+                    args.event_bytes,
+                ),
                 out,
             ),
             "nli": lambda: run_worker(

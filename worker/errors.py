@@ -144,3 +144,7 @@ class KafkaFatalError(TagstreamError):
         super().__init__(message)
         self.error = error
         self.record = record
+
+
+class TransactionStuckError(KafkaFatalError):
+    """A transaction could be neither committed nor aborted within its timeout (exactly-once)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.kafka.consumer import CommitOutcome, CommitResult, RebalanceListener
-from worker.kafka.errors import ClientError, ErrorKind
+from worker.kafka.errors import ClientError, ErrorKind, TxnError
 from worker.kafka.producer import ClientErrorHook, DeliveryReport
 from worker.kafka.records import InputRecord, OutHeaders, PartitionKey
 
@@ -55,6 +55,8 @@ class FakeConsumer:
     generations: dict[PartitionKey, int] = field(default_factory=dict)
     # Close as librdkafka does: revoke the assignment (rebalance callback) first.
     revoke_on_close: bool = False
+    # Every seek, in order (exactly-once rewinds).
+    seeks: list[dict[PartitionKey, int]] = field(default_factory=list)
 
     # -- ConsumerClient ---------------------------------------------------------------------
 
@@ -101,6 +103,17 @@ class FakeConsumer:
         self.commits.append(("sync", dict(positions)))
         outcome: CommitOutcome = [(key, offset, None) for key, offset in positions.items()]
         self.on_commit(None, outcome)
+        return None
+
+    def group_metadata(self) -> object:
+        return ("group-metadata", dict(self.generations))
+
+    def seek(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
+        """Like librdkafka: a new fetch generation; records past the position that were
+        queued are dropped (the test queues the refetched ones itself)."""
+        self.seeks.append(dict(positions))
+        for key in positions:
+            self.generations[key] = self.generation(key) + 1
         return None
 
     def close(self) -> None:
@@ -170,6 +183,15 @@ class FakeProducer:
     capacity: int | None = None
     # produce() runs on the inference thread too: librdkafka is thread-safe, so is this.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Transactions (exactly-once): the calls made, in order, with what each returned; the
+    # errors the next calls of a name return (then they succeed); records per transaction.
+    txn_calls: list[str] = field(default_factory=list)
+    txn_errors: dict[str, deque[TxnError]] = field(default_factory=dict)
+    txn_offsets: list[dict[PartitionKey, int]] = field(default_factory=list)
+    # Records written in the open transaction; visible ones once it commits.
+    pending: list[Sent] = field(default_factory=list)
+    committed: list[Sent] = field(default_factory=list)
+    purged: bool = False
 
     def produce(
         self,
@@ -202,7 +224,56 @@ class FakeProducer:
             refusal = self.refuse.get(item.topic)
             if refusal is None:
                 self.written.append(item)
+                self.pending.append(item)
             item.report(refusal)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _txn(self, name: str) -> TxnError | None:
+        self.txn_calls.append(name)
+        errors = self.txn_errors.get(name)
+        if errors:
+            return errors.popleft()
+        return None
+
+    def init_transactions(self, timeout_s: float) -> TxnError | None:
+        return self._txn("init")
+
+    def begin_transaction(self) -> TxnError | None:
+        return self._txn("begin")
+
+    def send_offsets_to_transaction(
+        self, positions: Mapping[PartitionKey, int], group_metadata: object, timeout_s: float
+    ) -> TxnError | None:
+        error = self._txn("send_offsets")
+        if error is None:
+            self.txn_offsets.append(dict(positions))
+        return error
+
+    def commit_transaction(self, timeout_s: float) -> TxnError | None:
+        error = self._txn("commit")
+        if error is None:
+            self.committed.extend(self.pending)
+            self.pending = []
+        return error
+
+    def abort_transaction(self, timeout_s: float) -> TxnError | None:
+        error = self._txn("abort")
+        if error is None:
+            self.pending = []
+            with self.lock:
+                self.in_flight = []
+        return error
+
+    def flush(self, timeout_s: float) -> int:
+        if self.auto_ack:
+            self.ack_all()
+        return len(self.in_flight)
+
+    def purge(self) -> None:
+        self.purged = True
+        with self.lock:
+            self.in_flight = []
 
 
 @dataclass

@@ -103,13 +103,14 @@ class Pipeline:
             env[f"TAGSTREAM_{name.upper()}"] = text
         return env
 
-    def ledger(self) -> Ledger:
+    def ledger(self, isolation: str = "read_uncommitted") -> Ledger:
         return Ledger(
             self.bootstrap,
             [self.input_topic],
             self.output_topic,
             self.dead_letter_topic,
             self.group_id,
+            isolation=isolation,
         )
 
     def produce(

@@ -190,6 +190,14 @@ DEFAULT_CIRCUIT_MAX_OPEN_S = 600.0
 DEFAULT_REVOKE_TIMEOUT_MS = 10_000
 # Kubernetes sends SIGKILL 30 s after SIGTERM by default; stay at or under it.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+# librdkafka's own default: the coordinator aborts a transaction open longer than this, and
+# a read_committed reader waits at most this long behind a crashed worker's open one.
+DEFAULT_TRANSACTION_TIMEOUT_MS = 60_000
+# A transaction stays open for a commit interval plus its drain: the interval may take at
+# most this share of the transaction timeout, the rest is the drain's.
+MAX_COMMIT_SHARE_OF_TRANSACTION = 0.5
+
+ProcessingGuarantee = Literal["at-least-once", "exactly-once"]
 
 # Extra librdkafka settings that would break the at-least-once guarantee.
 PROTECTED_CONSUMER_KEYS = frozenset(
@@ -200,9 +208,21 @@ PROTECTED_CONSUMER_KEYS = frozenset(
         # callbacks assign incrementally or eagerly to match them.
         "partition.assignment.strategy",
         "group.protocol",
+        # read_committed in both modes: aborted upstream records are never scored.
+        "isolation.level",
     }
 )
-PROTECTED_PRODUCER_KEYS = frozenset({"enable.idempotence", "acks", "request.required.acks"})
+PROTECTED_PRODUCER_KEYS = frozenset(
+    {
+        "enable.idempotence",
+        "acks",
+        "request.required.acks",
+        # Set from TAGSTREAM_TRANSACTIONAL_ID / TAGSTREAM_TRANSACTION_TIMEOUT_MS in
+        # exactly-once mode; a transactional producer in at-least-once mode would never commit.
+        "transactional.id",
+        "transaction.timeout.ms",
+    }
+)
 
 KafkaValue = str | int | float | bool
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
@@ -237,6 +257,12 @@ class KafkaSettings(_Base):
     group_id: str = Field(default=DEFAULT_GROUP_ID, min_length=1)
     group_instance_id: str | None = Field(
         default=None, description="Static group membership: a stable id per replica."
+    )
+    transactional_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Exactly-once: this worker's transactional.id, stable and unique per "
+        "replica; '<group_id>-<group_instance_id>' when that is set, else unique per process.",
     )
     client_id: str = Field(default=DEFAULT_CLIENT_ID, min_length=1)
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
@@ -332,8 +358,21 @@ class BatchSettings(_Base):
 
 
 class DeliverySettings(_Base):
-    """How often done offsets are committed, and how far the commit may fall behind."""
+    """The delivery guarantee, how often done offsets are committed, and how far the commit
+    may fall behind."""
 
+    processing_guarantee: ProcessingGuarantee = Field(
+        default="at-least-once",
+        description="'exactly-once': outputs, dead letters and input offsets in one "
+        "Kafka transaction per commit interval.",
+    )
+    transaction_timeout_ms: int = Field(
+        default=DEFAULT_TRANSACTION_TIMEOUT_MS,
+        ge=1_000,
+        le=900_000,
+        description="Exactly-once: the broker aborts a transaction open this long; bounds "
+        "every wait of a transaction commit or abort.",
+    )
     commit_interval_ms: int = Field(default=DEFAULT_COMMIT_INTERVAL_MS, ge=1)
     retry_deadline_s: float = Field(
         default=DEFAULT_RETRY_DEADLINE_S,
@@ -350,6 +389,21 @@ class DeliverySettings(_Base):
         gt=0.0,
         description="Per partition: age of the oldest record not done that pauses it.",
     )
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly-once"
+
+    @model_validator(mode="after")
+    def _transaction_room(self) -> DeliverySettings:
+        limit = self.transaction_timeout_ms * MAX_COMMIT_SHARE_OF_TRANSACTION
+        if self.exactly_once and self.commit_interval_ms > limit:
+            raise ValueError(
+                "TAGSTREAM_PROCESSING_GUARANTEE=exactly-once needs TAGSTREAM_COMMIT_INTERVAL_MS "
+                f"at most half of TAGSTREAM_TRANSACTION_TIMEOUT_MS ({self.transaction_timeout_ms}):"
+                " a transaction stays open for a commit interval plus its drain"
+            )
+        return self
 
 
 class CircuitSettings(_Base):

@@ -1,7 +1,8 @@
 """librdkafka configuration of the worker's clients, built from :class:`KafkaSettings`.
 
-The settings the delivery guarantee depends on (no auto-commit, no auto offset store, an
-idempotent producer with ``acks=all``) are applied last, over any extra settings.
+The settings the delivery guarantee depends on (no auto-commit, no auto offset store,
+``isolation.level=read_committed``, an idempotent producer with ``acks=all``, and in
+exactly-once mode its ``transactional.id``) are applied last, over any extra settings.
 """
 
 from __future__ import annotations
@@ -63,12 +64,27 @@ def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
     if kafka.group_instance_id is not None:
         config["group.instance.id"] = kafka.group_instance_id
     config.update(kafka.consumer_config)
-    config.update({"enable.auto.commit": False, "enable.auto.offset.store": False})
+    # read_committed in both modes: a chained tagstream stage (or any transactional
+    # producer upstream) must never have its aborted records scored.
+    config.update(
+        {
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+        }
+    )
     return config
 
 
-def producer_config(kafka: KafkaSettings, *, solo: bool = False) -> dict[str, Any]:
-    """Producer settings: idempotent, ``acks=all``; ``solo`` sends one record per request."""
+def producer_config(
+    kafka: KafkaSettings,
+    *,
+    solo: bool = False,
+    transactional_id: str | None = None,
+    transaction_timeout_ms: int | None = None,
+) -> dict[str, Any]:
+    """Producer settings: idempotent, ``acks=all``; ``solo`` sends one record per request;
+    ``transactional_id`` makes it the transactional producer of exactly-once mode."""
     config: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
         "client.id": f"{kafka.client_id}-solo" if solo else kafka.client_id,
@@ -79,4 +95,8 @@ def producer_config(kafka: KafkaSettings, *, solo: bool = False) -> dict[str, An
     if solo:
         config["batch.num.messages"] = SOLO_BATCH_MESSAGES
     config.update({"enable.idempotence": True, "acks": "all"})
+    if transactional_id is not None:
+        config["transactional.id"] = transactional_id
+        if transaction_timeout_ms is not None:
+            config["transaction.timeout.ms"] = transaction_timeout_ms
     return config

@@ -8,7 +8,8 @@ listener can pause them at once: incrementally for the cooperative and the KIP-8
 protocols, eagerly for ``range`` and ``roundrobin``.
 
 Every record is stamped with the *generation* of its partition's assignment: how many
-times the partition has been assigned to this consumer when the record is returned. A poll
+times the partition has been assigned to (or sought by, :meth:`KafkaConsumer.seek`) this
+consumer when the record is returned. A poll
 makes two ``consume()`` calls (see :meth:`KafkaConsumer.poll`); a rebalance inside the
 second one leaves the first one's record stamped with the previous generation, so the
 pipeline can tell it apart from the new assignment's records (librdkafka itself purges
@@ -128,6 +129,24 @@ class KafkaConsumer:
     def resume(self, keys: Sequence[PartitionKey]) -> None:
         if keys:
             self._consumer.resume(_partitions(keys))
+
+    def group_metadata(self) -> object:
+        """The consumer's group metadata (member, generation) for a transactional offset
+        commit (:meth:`~worker.kafka.producer.KafkaProducer.send_offsets_to_transaction`)."""
+        return self._consumer.consumer_group_metadata()
+
+    def seek(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
+        """Fetch each partition again from its position (records already fetched past it
+        are dropped by librdkafka); the first error if a seek was refused. A seek starts a
+        new generation: records returned before it are told apart by their stamp."""
+        for tp in _positions(positions):
+            key = (tp.topic, tp.partition)
+            self._generations[key] = self._generations.get(key, 0) + 1
+            try:
+                self._consumer.seek(tp)
+            except KafkaException as exc:
+                return client_error(exc.args[0])
+        return None
 
     def commit_async(self, positions: Mapping[PartitionKey, int]) -> ClientError | None:
         """Commit ``positions`` (next offsets to read); the result arrives through

@@ -1,7 +1,8 @@
 """What a Kafka error means for the worker: retry it, give up on the record, or stop.
 
 The classification sets live here, in one place: produce errors (:func:`classify`),
-client errors (:func:`is_fatal`) and the commit errors a rebalance causes.
+client errors (:func:`is_fatal`), the commit errors a rebalance causes, and what a
+transactional call's error asks for (:func:`transaction_action`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,59 @@ def classify(error: KafkaError) -> ErrorKind:
     return ErrorKind.FATAL
 
 
+# A newer producer with the same transactional.id (or the coordinator, after a transaction
+# timeout) bumped the epoch: this producer can never write again, only a new one can.
+FENCED_CODES: Final = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+# A produce refused at once because the open transaction already failed (it must abort).
+TXN_STATE_CODES: Final = frozenset({KafkaError._STATE})
+
+
+class TxnAction(enum.Enum):
+    """What a failed transactional call (init, begin, send offsets, commit, abort) asks for."""
+
+    RETRY = "retry"  # call it again: the coordinator is moving, the request timed out
+    ABORT = "abort"  # the transaction cannot commit: abort it and redo its work
+    FENCED = "fenced"  # the producer is fenced: replace it, redo the work
+    FATAL = "fatal"  # nothing helps (authorization, a broker without transactions): stop
+
+
+def transaction_action(error: KafkaError) -> TxnAction:
+    """Fenced before fatal (librdkafka reports fencing as a fatal error); a retriable error
+    is only retriable when the transaction does not need an abort anyway."""
+    if error.code() in FENCED_CODES:
+        return TxnAction.FENCED
+    if error.fatal():
+        return TxnAction.FATAL
+    if error.txn_requires_abort():
+        return TxnAction.ABORT
+    if error.retriable() or error.code() in _TRANSIENT_CODES:
+        return TxnAction.RETRY
+    if error.code() in _FATAL_CODES:
+        return TxnAction.FATAL
+    # Unknown: aborting is always safe, the work is redone.
+    return TxnAction.ABORT
+
+
+@dataclass(frozen=True, slots=True)
+class TxnError:
+    """A failed transactional call as data: its name, message and :class:`TxnAction`."""
+
+    code: int
+    name: str
+    message: str
+    action: TxnAction
+
+
+def transaction_error(error: KafkaError) -> TxnError:
+    return TxnError(
+        int(error.code()), str(error.name()), str(error.str()), transaction_action(error)
+    )
+
+
 def is_fatal(error: KafkaError) -> bool:
     """Whether a client-level (non-delivery) error must stop the worker."""
     return bool(error.fatal()) or error.code() in _FATAL_CODES
@@ -143,6 +197,16 @@ class ClientError:
     @property
     def fatal(self) -> bool:
         return self.kind is ErrorKind.FATAL
+
+    @property
+    def fenced(self) -> bool:
+        """The producer was fenced (exactly-once): a new one can carry on."""
+        return self.code in FENCED_CODES
+
+    @property
+    def transaction_failed(self) -> bool:
+        """A produce refused because the open transaction must be aborted (exactly-once)."""
+        return self.code in TXN_STATE_CODES
 
     def as_info(self) -> KafkaErrorInfo:
         """The plain form a :class:`KafkaFatalError` keeps."""

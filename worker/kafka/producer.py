@@ -1,7 +1,9 @@
 """The producer, typed: records in, delivery reports out as :class:`ClientError` data.
 
-No policy here: retries, the one-record resend, dead-letter routing and offsets are the
-pipeline's (:mod:`worker.pipeline.delivery`).
+No policy here: retries, the one-record resend, dead-letter routing, offsets and when a
+transaction commits or aborts are the pipeline's (:mod:`worker.pipeline.delivery`,
+:mod:`worker.pipeline.transactions`). The transactional calls return a failure as a
+:class:`~worker.kafka.errors.TxnError` instead of raising.
 """
 
 from __future__ import annotations
@@ -9,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from worker.kafka.errors import ClientError, client_error, delivery_error
-from worker.kafka.records import OutHeaders
+from worker.kafka.errors import (
+    ClientError,
+    TxnError,
+    client_error,
+    delivery_error,
+    transaction_error,
+)
+from worker.kafka.records import OutHeaders, PartitionKey
 
 # Called on the polling thread with None (acknowledged) or the classified error.
 DeliveryReport = Callable[[ClientError | None], None]
@@ -61,6 +69,38 @@ class KafkaProducer:
         """Wait up to ``timeout_s`` for every outstanding record; returns how many remain."""
         return int(self._producer.flush(timeout_s))
 
+    # -- transactions (a producer configured with transactional.id) -----------------------
+
+    def init_transactions(self, timeout_s: float) -> TxnError | None:
+        """Register the transactional.id: fences older producers with the same id and
+        aborts the transaction one of them left open."""
+        return _txn_call(lambda: self._producer.init_transactions(timeout_s))
+
+    def begin_transaction(self) -> TxnError | None:
+        return _txn_call(self._producer.begin_transaction)
+
+    def send_offsets_to_transaction(
+        self, positions: Mapping[PartitionKey, int], group_metadata: object, timeout_s: float
+    ) -> TxnError | None:
+        """Add the consumer's next offsets to the transaction; the broker checks
+        ``group_metadata`` (the consumer's generation) and fences a zombie (KIP-447)."""
+        offsets = [TopicPartition(topic, part, pos) for (topic, part), pos in positions.items()]
+        return _txn_call(
+            lambda: self._producer.send_offsets_to_transaction(offsets, group_metadata, timeout_s)
+        )
+
+    def commit_transaction(self, timeout_s: float) -> TxnError | None:
+        """Flush, then commit: every record and offset of the transaction becomes visible."""
+        return _txn_call(lambda: self._producer.commit_transaction(timeout_s))
+
+    def abort_transaction(self, timeout_s: float) -> TxnError | None:
+        """Purge what is queued, then abort: nothing of the transaction becomes visible."""
+        return _txn_call(lambda: self._producer.abort_transaction(timeout_s))
+
+    def purge(self) -> None:
+        """Fail every record not yet acknowledged (their reports come with the next poll)."""
+        self._producer.purge()
+
     def __len__(self) -> int:
         """Records handed over and not yet reported."""
         return len(self._producer)
@@ -71,3 +111,11 @@ class KafkaProducer:
 
     def _client_error(self, error: KafkaError) -> None:
         self._on_error(client_error(error))
+
+
+def _txn_call(call: Callable[[], object]) -> TxnError | None:
+    try:
+        call()
+    except KafkaException as exc:
+        return transaction_error(exc.args[0])
+    return None

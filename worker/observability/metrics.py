@@ -14,7 +14,11 @@ The record counters form a ledger. Every record the consumer hands the worker is
   ``not_assigned`` / ``seen`` / ``stale`` (polled for a partition it does not hold, an offset it
   already received, or a record fetched under a previous assignment of its partition),
   ``revoked`` / ``lost`` (its partition went away before its result was written;
-  the next owner processes it), ``shutdown`` (the worker stopped before processing it).
+  the next owner processes it), ``shutdown`` (the worker stopped before processing it),
+  ``aborted`` (exactly-once: its transaction was aborted; the input is read again).
+
+In exactly-once mode ``scored`` and ``dead_lettered`` are counted when the transaction that
+holds the record commits (only then is it visible), so they equal the visible records.
 
 So, per worker and summed over labels, whenever no work is in flight (the input drained, or
 after a graceful stop that finished within ``shutdown_timeout_s``)::
@@ -103,7 +107,22 @@ INFERENCE_BUCKETS: tuple[float, ...] = (
 END_TO_END_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
 )
+# A transaction lives one commit interval (1 s default, 0.2 s in tests) plus its drain, and
+# at most transaction_timeout_ms (60 s default); its drain-and-commit takes ms to seconds.
+TRANSACTION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
 # fmt: on
+
+# The reasons of worker/pipeline/transactions.py:AbortReason, each exposed from the start.
+TRANSACTION_ABORT_REASONS: tuple[str, ...] = (
+    "produce_error",
+    "fenced",
+    "timeout",
+    "commit_refused",
+    "rebalance",
+    "lost",
+)
 
 RebalanceKind = Literal["assigned", "revoked", "lost"]
 REBALANCE_KINDS: tuple[RebalanceKind, ...] = ("assigned", "revoked", "lost")
@@ -161,7 +180,7 @@ class WorkerMetrics:
         self._discarded = Counter(
             metric_name("events_discarded"),
             "Consumed records dropped without output or dead-letter record, by reason "
-            "(not_assigned, seen, stale, revoked, lost, shutdown).",
+            "(not_assigned, seen, stale, revoked, lost, shutdown, aborted).",
             ["reason"],
             registry=reg,
         )
@@ -183,6 +202,18 @@ class WorkerMetrics:
         self._commit_failures = Counter(
             metric_name("offset_commit_failures"), "Offset commits that failed.", registry=reg
         )
+        self._transactions_committed = Counter(
+            metric_name("transactions_committed"),
+            "Exactly-once: transactions committed.",
+            registry=reg,
+        )
+        self._transactions_aborted = Counter(
+            metric_name("transactions_aborted"),
+            "Exactly-once: transactions aborted, by reason (produce_error, fenced, timeout, "
+            "commit_refused, rebalance, lost).",
+            ["reason"],
+            registry=reg,
+        )
         self._rebalances = Counter(
             metric_name("rebalances"), "Rebalance callbacks, by kind.", ["kind"], registry=reg
         )
@@ -192,6 +223,8 @@ class WorkerMetrics:
             ["kind"],
             registry=reg,
         )
+        for reason in TRANSACTION_ABORT_REASONS:
+            self._transactions_aborted.labels(reason=reason)
         for kind in REBALANCE_KINDS:
             self._rebalances.labels(kind=kind)
             self._rebalance_partitions.labels(kind=kind)
@@ -232,6 +265,19 @@ class WorkerMetrics:
             metric_name("end_to_end_latency_seconds"),
             "Record timestamp to acknowledged output (scored or dead-lettered).",
             buckets=END_TO_END_BUCKETS,
+            registry=reg,
+        )
+
+        self._transaction_duration = Histogram(
+            metric_name("transaction_duration_seconds"),
+            "Exactly-once: a committed transaction, from its begin to its commit.",
+            buckets=TRANSACTION_BUCKETS,
+            registry=reg,
+        )
+        self._transaction_commit = Histogram(
+            metric_name("transaction_commit_seconds"),
+            "Exactly-once: the drain and commit of a transaction (the input waits meanwhile).",
+            buckets=TRANSACTION_BUCKETS,
             registry=reg,
         )
 
@@ -311,6 +357,17 @@ class WorkerMetrics:
         self._commits.inc()
         if not ok:
             self._commit_failures.inc()
+
+    def record_transaction_committed(self, duration_s: float, commit_s: float) -> None:
+        """Exactly-once: a transaction committed after ``duration_s``; its drain and commit
+        took ``commit_s``."""
+        self._transactions_committed.inc()
+        self._transaction_duration.observe(duration_s)
+        self._transaction_commit.observe(commit_s)
+
+    def record_transaction_aborted(self, reason: str) -> None:
+        """Exactly-once: a transaction was aborted for ``reason``."""
+        self._transactions_aborted.labels(reason=reason).inc()
 
     def record_rebalance(self, kind: RebalanceKind, partitions: Collection[PartitionKey]) -> None:
         """A rebalance callback; keeps ``assigned_partitions`` and the lag series in step.

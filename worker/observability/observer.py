@@ -103,6 +103,12 @@ class MetricsObserver(Observer):
     def commit_failed(self, error_name: str) -> None:
         self.metrics.record_commit(ok=False)
 
+    def transaction_committed(self, records: int, duration_s: float, commit_s: float) -> None:
+        self.metrics.record_transaction_committed(duration_s, commit_s)
+
+    def transaction_aborted(self, reason: str, records: int) -> None:
+        self.metrics.record_transaction_aborted(reason)
+
     def rebalance(self, kind: str, partitions: Sequence[PartitionKey]) -> None:
         if kind not in REBALANCE_KINDS:
             return

@@ -40,6 +40,8 @@ class CloseReason(enum.StrEnum):
     SIZE = "size"
     TOKENS = "tokens"
     TIME = "time"
+    # Exactly-once: a transaction commit drains everything (worker.pipeline.transactions).
+    CHECKPOINT = "checkpoint"
 
 
 class PendingEvent(NamedTuple):
@@ -127,6 +129,15 @@ class Batcher:
         if self._open is not None and self.time_left() == 0.0:
             self._close(CloseReason.TIME)
 
+    def flush(self) -> None:
+        """Close the open batch now (a transaction commit waits for every event)."""
+        self._close(CloseReason.CHECKPOINT)
+
+    @property
+    def empty(self) -> bool:
+        """No event waits here, in the open or a ready batch."""
+        return self._open is None and not self.ready
+
     def pop_ready(self) -> Batch:
         """Take the oldest ready batch (it is handed to the inference thread)."""
         batch = self.ready.popleft()
@@ -148,6 +159,15 @@ class Batcher:
         if self._open is not None and not self._open.items:
             self._open = None
         self.buffered_bytes -= sum(item.size for item in dropped)
+        return dropped
+
+    def drop_all(self) -> list[PendingEvent]:
+        """Remove every event of the open and the ready batches."""
+        batches = [*self.ready, *([self._open] if self._open is not None else [])]
+        dropped = [item for batch in batches for item in batch.items]
+        self.ready.clear()
+        self._open = None
+        self.buffered_bytes = 0
         return dropped
 
     def _close(self, reason: CloseReason) -> None:

@@ -32,6 +32,20 @@ What happens to a record the broker did not take:
 A record acknowledged after its partition was revoked is written all the same (and counted
 as such); one that failed, or waited for a retry, meanwhile is dropped and reported through
 ``on_abandoned``: the partition's next owner processes that input again.
+
+**Exactly-once mode** (``transactional_id`` given): the producer is transactional and every
+record goes into the open transaction, which :mod:`worker.pipeline.transactions` commits or
+aborts. Inside a transaction nothing is retried: any failed delivery makes the transaction
+abortable, so the stage only asks for an abort (:attr:`abort_reason`) and remembers the
+records refused for what they are (too large, rejected). The broker refuses a whole produce
+request, so when their inputs are scored again each of them is first sent alone
+(:meth:`ProducerStage.serve` flushes before and after it, holding back other sends): one
+refused alone is the culprit, and the next replay writes its input's dead letter (stage
+``produce``) instead, or a dead-letter record's stub, as in at-least-once mode. So one bad
+record costs two aborts, and cannot make every transaction abort. A fenced producer is
+flagged (:attr:`fenced`) and replaced, never fatal.
+Fates (scored, dead-lettered) are reported when the transaction commits, since only then
+are the records visible; an aborted transaction's records count as discarded, ``aborted``.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ import itertools
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,9 +74,9 @@ from worker.contract.deadletter import (
 )
 from worker.errors import KafkaFatalError, RecordRef
 from worker.kafka.config import producer_config
-from worker.kafka.errors import ClientError, ErrorKind
+from worker.kafka.errors import ClientError, ErrorKind, TxnError
 from worker.kafka.producer import ClientErrorHook, DeliveryReport, KafkaProducer
-from worker.kafka.records import OutHeaders
+from worker.kafka.records import OutHeaders, PartitionKey
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import Tracked
 
@@ -75,6 +89,14 @@ RETRY_BACKOFF_INITIAL_S: Final = 0.1
 RETRY_BACKOFF_MAX_S: Final = 30.0
 # +-20 % jitter keeps many workers from retrying in lockstep after a shared outage.
 RETRY_JITTER: Final = 0.2
+# Exactly-once: inputs whose record the broker refused for what it is, remembered across the
+# abort so that the replay writes a dead letter (or a stub) instead; more than any replay
+# holds, few enough to keep in memory.
+REFUSED_MEMORY: Final = 10_000
+# Exactly-once: how long a record sent alone waits for the records before it, and for its
+# own answer (a produce request takes milliseconds; a broker that does not answer in this
+# time makes the transaction fail anyway).
+ISOLATE_FLUSH_S: Final = 5.0
 
 RecordKind = Literal["output", "dead_letter"]
 # Called (main or inference thread) for a record this worker gives up on because its
@@ -99,6 +121,24 @@ class ProducerClient(Protocol):
     def __len__(self) -> int: ...
 
     def close(self) -> None: ...
+
+    # Exactly-once mode only (a producer configured with a transactional.id).
+
+    def init_transactions(self, timeout_s: float) -> TxnError | None: ...
+
+    def begin_transaction(self) -> TxnError | None: ...
+
+    def send_offsets_to_transaction(
+        self, positions: Mapping[PartitionKey, int], group_metadata: object, timeout_s: float
+    ) -> TxnError | None: ...
+
+    def commit_transaction(self, timeout_s: float) -> TxnError | None: ...
+
+    def abort_transaction(self, timeout_s: float) -> TxnError | None: ...
+
+    def purge(self) -> None: ...
+
+    def flush(self, timeout_s: float) -> int: ...
 
 
 # Builds a producer client from its librdkafka configuration and client-error hook.
@@ -128,6 +168,8 @@ class Outbound:
     stub: bool = False
     # When a delivery of this record first failed with a transient error (monotonic).
     first_failure_at: float | None = None
+    # Exactly-once: the transaction it was written in (reports of older ones are ignored).
+    txn: int = -1
 
 
 def backoff_delay(attempt: int) -> float:
@@ -146,7 +188,8 @@ def abandon_as_revoked(observer: Observer) -> AbandonHook:
 
 
 class ProducerStage:
-    """The worker's idempotent producer (plus a lazily created one-record-per-request one).
+    """The worker's idempotent producer (plus a lazily created one-record-per-request one),
+    or with ``transactional_id`` its one transactional producer (exactly-once).
 
     ``client_config``: extra librdkafka settings for both producers (the structlog
     ``logger``), under the worker's own settings.
@@ -162,15 +205,21 @@ class ProducerStage:
         on_abandoned: AbandonHook | None = None,
         producer_factory: ProducerFactory = connect,
         retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S,
+        transactional_id: str | None = None,
+        transaction_timeout_ms: int | None = None,
     ) -> None:
         self._kafka = kafka
+        self.transactional = transactional_id is not None
+        self._main_config = producer_config(
+            kafka, transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms
+        )
         self._connect = producer_factory
         self._identity = identity
         self._observer = observer
         self._client_config = dict(client_config or {})
         self._on_abandoned = on_abandoned or abandon_as_revoked(observer)
         self._dead_letter_topic = kafka.dead_letter_topic
-        self._producer = self._connect(self._config(producer_config(kafka)), self._on_client_error)
+        self._producer = self._connect(self._config(self._main_config), self._on_client_error)
         self._solo: ProducerClient | None = None
         self._retry_deadline_s = retry_deadline_s
         # Records librdkafka's queue had no room for, oldest first (any thread appends).
@@ -180,16 +229,63 @@ class ProducerStage:
         self._retries: list[tuple[float, int, Outbound]] = []
         self._sequence = itertools.count()
         self.fatal: KafkaFatalError | None = None
+        # -- exactly-once state ------------------------------------------------------------
+        # Records written in the open transaction (appended under the backlog lock).
+        self._txn_records: list[Outbound] = []
+        self._txn_seq = 0
+        # Set while no transaction may take records (an abort is under way): they are
+        # dropped, their inputs are processed again after the rewind.
+        self._sealed = False
+        # Why the open transaction must be aborted (a failed delivery), if it must.
+        self.abort_reason: str | None = None
+        # The producer was fenced: it must be replaced before anything else is written.
+        self.fenced = False
+        # (input topic, partition, offset, record kind) -> why the broker refused it, and
+        # whether it was refused alone (the culprit) or in a request with others (a suspect).
+        self._refused: OrderedDict[tuple[str, int, int, RecordKind], tuple[ClientError, bool]] = (
+            OrderedDict()
+        )
+        # Suspects of the replay, to be sent alone by the main thread (any thread appends).
+        self._isolated: deque[Outbound] = deque()
 
     # -- any thread ---------------------------------------------------------------------
 
     def send(self, record: Outbound) -> None:
         """Hand a record to librdkafka, or to the backlog when its queue is full (never
         waits); failures are handled on the main thread."""
+        if self.transactional:
+            self._send_transactional(record)
+            return
         record.attempts += 1
         with self._backlog_lock:
             if self._backlog or not self._produce(record):
                 self._backlog.append(record)
+
+    def _send_transactional(self, record: Outbound) -> None:
+        """Exactly-once: into the open transaction, unless an abort is under way or the
+        input's partition state was rewound (then its input is processed again)."""
+        refused = self._refusal(record)
+        if refused is not None and not refused[1]:
+            record.solo = True  # a suspect: sent alone, so that the broker judges it alone
+            self._isolated.append(record)
+            return
+        if refused is not None:
+            refusal = refused[0]
+            # Refused alone before: dead-letter the input instead, or write the dead-letter
+            # record's stub.
+            if record.kind == "output":
+                failure = Failure(Stage.PRODUCE, refusal.name, refusal.message, record.attempts)
+                self.dead_letter(record.origin, failure)
+            else:
+                self._send_transactional(self._stub(record))
+            return
+        record.attempts += 1
+        with self._backlog_lock:
+            dropped = self._sealed or not record.origin.active
+            if not dropped and (self._backlog or not self._produce(record)):
+                self._backlog.append(record)
+        if dropped:
+            self._on_abandoned(record.origin)
 
     @property
     def congested(self) -> bool:
@@ -197,7 +293,7 @@ class ProducerStage:
         return bool(self._backlog)
 
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
-        """Send the input, unchanged, to the dead-letter topic."""
+        """Send the input, unchanged, to the dead-letter topic (any thread)."""
         record = origin.record
         headers = dead_letter_headers(record, failure, self._identity, datetime.now(UTC))
         log.warning(
@@ -234,11 +330,102 @@ class ProducerStage:
             record, error = self._failed_sends.popleft()
             self._handle_failure(record, error)
         self._resend_due()
+        while self._isolated:
+            self._send_alone(self._isolated.popleft())
+
+    def _send_alone(self, record: Outbound) -> None:
+        """Exactly-once: one record in a produce request of its own. Other sends wait on
+        the lock meanwhile (milliseconds: two flushes)."""
+        with self._backlog_lock:
+            dropped = self._sealed or not record.origin.active
+            if not dropped:
+                self._producer.flush(ISOLATE_FLUSH_S)
+                if not self._produce(record):
+                    self._backlog.append(record)
+                self._producer.flush(ISOLATE_FLUSH_S)
+        if dropped:
+            self._on_abandoned(record.origin)
+
+    # -- main thread, exactly-once: the transaction's steps ------------------------------
+
+    @property
+    def transaction_size(self) -> int:
+        """Records written in the open transaction so far."""
+        return len(self._txn_records)
+
+    def init_transactions(self, timeout_s: float) -> TxnError | None:
+        return self._producer.init_transactions(timeout_s)
+
+    def begin_transaction(self) -> TxnError | None:
+        """Open the next transaction; records are taken again from now on."""
+        error = self._producer.begin_transaction()
+        if error is None:
+            with self._backlog_lock:
+                self._sealed = False
+        return error
+
+    def send_offsets(
+        self, positions: Mapping[PartitionKey, int], group_metadata: object, timeout_s: float
+    ) -> TxnError | None:
+        return self._producer.send_offsets_to_transaction(positions, group_metadata, timeout_s)
+
+    def commit_transaction(self, timeout_s: float) -> TxnError | None:
+        return self._producer.commit_transaction(timeout_s)
+
+    def abort_transaction(self, timeout_s: float) -> TxnError | None:
+        return self._producer.abort_transaction(timeout_s)
+
+    def seal(self) -> None:
+        """Take no more records (they are dropped as abandoned) until the next
+        :meth:`begin_transaction`: an abort is under way. Reports from now on are about the
+        aborted transaction (purged records among them) and are ignored."""
+        with self._backlog_lock:
+            self._sealed = True
+            self._txn_seq += 1
+
+    def transaction_committed(self) -> int:
+        """The open transaction committed: its records are visible, report their fates.
+        Returns how many there were."""
+        with self._backlog_lock:
+            records, self._txn_records = self._txn_records, []
+            self._txn_seq += 1
+        for record in records:
+            self._report_fate(record)
+        return len(records)
+
+    def transaction_aborted(self) -> int:
+        """The open transaction was aborted: nothing of it is visible. Its records, and
+        those still waiting for room, count as discarded (``aborted``). Returns how many."""
+        with self._backlog_lock:
+            records = [*self._txn_records, *self._backlog, *self._isolated]
+            self._txn_records = []
+            self._backlog.clear()
+            self._isolated.clear()
+            self._failed_sends.clear()
+            self._txn_seq += 1
+        self.abort_reason = None
+        for record in records:
+            self._observer.record_discarded(
+                record.origin.record.partition_key, DiscardReason.ABORTED
+            )
+        return len(records)
+
+    def replace_producer(self) -> None:
+        """The producer was fenced: drop it (its records are aborted) and build a new one
+        with the same configuration; the caller then calls :meth:`init_transactions`."""
+        old, self._producer = (
+            self._producer,
+            self._connect(self._config(self._main_config), self._on_client_error),
+        )
+        self.fenced = False
+        old.purge()
+        old.close()
 
     def outstanding(self) -> int:
         """Records not acknowledged yet (queued in librdkafka or waiting for a retry)."""
         queued = len(self._producer) + (len(self._solo) if self._solo is not None else 0)
-        return queued + len(self._backlog) + len(self._retries) + len(self._failed_sends)
+        waiting = len(self._backlog) + len(self._retries) + len(self._failed_sends)
+        return queued + waiting + len(self._isolated)
 
     def next_retry_in(self) -> float | None:
         """Seconds until the next retry is due, if any is scheduled."""
@@ -276,6 +463,9 @@ class ProducerStage:
             )
         except BufferError:
             return False
+        if self.transactional:
+            record.txn = self._txn_seq
+            self._txn_records.append(record)
         if error is not None:
             self._failed_sends.append((record, error))
         return True
@@ -286,18 +476,27 @@ class ProducerStage:
                 self._backlog.popleft()
 
     def _on_client_error(self, error: ClientError) -> None:
-        if error.fatal:
+        if self.transactional and error.fenced:
+            log.warning("producer fenced, replacing it", error=error.message)
+            self.fenced = True
+        elif error.fatal:
             self._fail(f"producer error: {error.message}", error)
         else:
             log.warning("producer client error (retried by librdkafka)", error=error.message)
 
     def _on_delivery(self, record: Outbound, error: ClientError | None) -> None:
+        if self.transactional:
+            self._on_transactional_delivery(record, error)
+            return
         if error is not None:
             self._handle_failure(record, error)
             return
         if record.origin.active:
             record.origin.mark_done()
         # Counted even for a revoked partition: the record is in the topic all the same.
+        self._report_fate(record)
+
+    def _report_fate(self, record: Outbound) -> None:
         timestamp_ms = record.origin.record.timestamp_ms
         latency = None if timestamp_ms is None else max(0.0, time.time() - timestamp_ms / 1000)
         self._observer.delivery_acked(record.kind, latency)
@@ -306,7 +505,52 @@ class ProducerStage:
                 record.failure.stage.value, record.failure.error_class
             )
 
+    def _on_transactional_delivery(self, record: Outbound, error: ClientError | None) -> None:
+        if record.txn != self._txn_seq:
+            return  # a report of an aborted transaction (purged records among them)
+        if error is None:
+            if record.origin.active:
+                record.origin.mark_done()
+            return
+        self._transactional_failure(record, error)
+
+    def _transactional_failure(self, record: Outbound, error: ClientError) -> None:
+        """Any failed record makes the transaction abortable: ask for the abort; remember a
+        refusal of the record itself for the replay."""
+        if error.fenced:
+            self.fenced = True
+            return
+        if error.fatal and not error.transaction_failed:
+            self._fail(f"cannot write to {record.topic}: {error.message}", error, record)
+            return
+        source = record.origin.record
+        if error.kind in (ErrorKind.TOO_LARGE, ErrorKind.REJECTED) and not record.stub:
+            key = (source.topic, source.partition, source.offset, record.kind)
+            self._refused[key] = (error, record.solo)
+            while len(self._refused) > REFUSED_MEMORY:
+                self._refused.popitem(last=False)
+        if self.abort_reason is None:
+            log.warning(
+                "produce failed inside a transaction, aborting it",
+                destination=record.topic,
+                topic=source.topic,
+                partition=source.partition,
+                offset=source.offset,
+                error=error.message,
+            )
+            self.abort_reason = f"produce error {error.name}"
+
+    def _refusal(self, record: Outbound) -> tuple[ClientError, bool] | None:
+        """Why the broker refused this record of this input before, if it did."""
+        if record.stub or not self._refused:
+            return None
+        source = record.origin.record
+        return self._refused.get((source.topic, source.partition, source.offset, record.kind))
+
     def _handle_failure(self, record: Outbound, error: ClientError) -> None:
+        if self.transactional:
+            self._transactional_failure(record, error)
+            return
         kind = error.kind
         if kind is ErrorKind.FATAL:
             self._fail(f"cannot write to {record.topic}: {error.message}", error, record)
@@ -347,8 +591,13 @@ class ProducerStage:
             offset=source.offset,
             value_bytes=0 if record.value is None else len(record.value),
         )
+        self.send(self._stub(record))
+
+    def _stub(self, record: Outbound) -> Outbound:
+        """A bounded stand-in for a refused dead-letter record: its key and headers, no
+        value (its size and SHA-256 in the headers)."""
         headers = stub_headers(cast("list[Header]", record.headers), record.value)
-        stub = Outbound(
+        return Outbound(
             topic=record.topic,
             key=record.key,
             value=None,
@@ -357,9 +606,8 @@ class ProducerStage:
             origin=record.origin,
             failure=record.failure,
             stub=True,
-            solo=True,
+            solo=not self.transactional,
         )
-        self.send(stub)
 
     def _schedule_retry(self, record: Outbound, error: ClientError) -> None:
         now = time.monotonic()

@@ -38,6 +38,8 @@ class DiscardReason(enum.StrEnum):
     LOST = "lost"
     # The worker stopped before processing it; it stays uncommitted for the next owner.
     SHUTDOWN = "shutdown"
+    # Exactly-once: its transaction was aborted; the input is read and processed again.
+    ABORTED = "aborted"
 
 
 class Observer:
@@ -75,6 +77,14 @@ class Observer:
 
     def commit_failed(self, error_name: str) -> None:
         """Main thread: a commit failed (it is retried at the next interval)."""
+
+    def transaction_committed(self, records: int, duration_s: float, commit_s: float) -> None:
+        """Main thread, exactly-once: a transaction of ``records`` records committed,
+        ``duration_s`` after it began; its drain and commit took ``commit_s``."""
+
+    def transaction_aborted(self, reason: str, records: int) -> None:
+        """Main thread, exactly-once: a transaction was aborted (``reason``: an
+        :class:`~worker.pipeline.transactions.AbortReason`); ``records`` were discarded."""
 
     def rebalance(self, kind: str, partitions: Sequence[PartitionKey]) -> None:
         """Main thread: partitions ``assigned``, ``revoked`` or ``lost``."""

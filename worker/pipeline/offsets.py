@@ -36,6 +36,7 @@ class PartitionOffsets:
         "generation",
         "key",
         "sent",
+        "start",
     )
 
     def __init__(
@@ -60,6 +61,9 @@ class PartitionOffsets:
         # The offsets in _order that are not done yet.
         self._waiting: set[int] = set()
         self._last_received: int | None = None
+        # The first offset received in this assignment: where a rewind goes back to when
+        # nothing was committed yet.
+        self.start: int | None = None
 
     @property
     def pending(self) -> int:
@@ -90,6 +94,8 @@ class PartitionOffsets:
         self._order.append((offset, self._clock()))
         self._waiting.add(offset)
         self._last_received = offset
+        if self.start is None:
+            self.start = offset
         return True
 
     def mark_done(self, offset: int) -> None:
@@ -124,6 +130,22 @@ class PartitionOffsets:
         if not unconfirmed and position == self.sent:
             return None
         return position
+
+    def rewind_target(self) -> int | None:
+        """Exactly-once: where to fetch again after an abort (the last committed position,
+        else the first offset received); None when nothing was received past it."""
+        if self._last_received is None:
+            return None
+        target = self.committed if self.committed is not None else self.start
+        if target is None or target > self._last_received:
+            return None
+        return target
+
+    def resume_at(self, position: int) -> None:
+        """A fresh state that starts at ``position``: it was committed (or is the start of
+        the assignment), and offsets below it are not taken again."""
+        self._last_received = position - 1
+        self.start = position
 
     def confirm(self, position: int) -> None:
         """The broker stored ``position``."""
@@ -163,6 +185,19 @@ class OffsetTracker:
                 previous.active = False
             stamp = 0 if generation is None else generation(key)
             self._partitions[key] = PartitionOffsets(key, self._clock, stamp)
+
+    def rewind(self, key: PartitionKey, position: int, generation: int) -> None:
+        """Exactly-once, after an abort: forget everything received past ``position`` (the
+        old state goes inactive, so work still in flight for it is dropped) and start again
+        there, under the fetch ``generation`` the seek began."""
+        previous = self._partitions.get(key)
+        if previous is None:
+            return
+        previous.active = False
+        fresh = PartitionOffsets(key, self._clock, generation)
+        fresh.committed = previous.committed
+        fresh.resume_at(position)
+        self._partitions[key] = fresh
 
     def remove(self, keys: Iterable[PartitionKey]) -> list[PartitionOffsets]:
         """Stop tracking partitions (revoked or lost); their in-flight work is now stale."""

@@ -1,4 +1,5 @@
-"""The streaming worker: consume, micro-batch, score, produce, commit — at least once.
+"""The streaming worker: consume, micro-batch, score, produce, commit — at least once, or
+exactly once (``TAGSTREAM_PROCESSING_GUARANTEE=exactly-once``).
 
 Threads: the *main* thread polls the input (:mod:`worker.pipeline.intake`), decodes
 records, dead-letters invalid ones, fills micro-batches (:mod:`worker.pipeline.batching`),
@@ -9,7 +10,10 @@ records to the producer (:mod:`worker.pipeline.inference`). All offset state
 
 The commit, wherever it happens (every ``commit_interval_ms``, on revoke, on shutdown, on a
 fatal stop), is the same numbered sequence of :mod:`worker.pipeline.commit`: flush outputs,
-confirm delivery, commit offsets. Nothing is committed that is not acknowledged.
+confirm delivery, commit offsets. Nothing is committed that is not acknowledged. In
+exactly-once mode :mod:`worker.pipeline.transactions` replaces it: every commit interval
+(and on revoke and shutdown) a checkpoint drains the pipeline and commits outputs, dead
+letters and input offsets in one Kafka transaction; a failure aborts it and rewinds.
 
 Every consumed record is reported to the :class:`~worker.pipeline.observer.Observer` once,
 and its fate once: scored, dead-lettered, or discarded with a
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
 import structlog
@@ -44,6 +48,7 @@ from worker.pipeline.inference import InferenceStage
 from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
+from worker.pipeline.transactions import AbortReason, Transactions, transactional_id
 
 log = structlog.get_logger(__name__)
 # The stdlib logger structlog's level filter asks: the per-batch debug line is built only
@@ -61,6 +66,10 @@ POLL_IDLE_TIMEOUT_S: Final = 0.1
 POLL_WAITING_TIMEOUT_S: Final = 0.005
 # A fatal stop still waits this long for acknowledgements that are already on their way.
 FATAL_DRAIN_S: Final = 1.0
+# Exactly-once: batches decoded ahead of the model (beyond those the Handoff holds). Every
+# transaction commit drains what was read, so reading further ahead only lengthens it; the
+# Handoff already keeps the next batch queued for the model.
+READ_AHEAD_BATCHES: Final = 1
 
 # Builds the input consumer from its librdkafka configuration, whether its group protocol
 # assigns incrementally, and where asynchronous commit results go.
@@ -102,6 +111,8 @@ class Worker:
         # How each partition was last taken away, for the work of it still in flight.
         self._gone: dict[PartitionKey, DiscardReason] = {}
         self._next_batch_id = 1
+        exactly_once = settings.delivery.exactly_once
+        self.transactional_id = transactional_id(settings.kafka) if exactly_once else None
         self.producer = ProducerStage(
             settings.kafka,
             identity,
@@ -110,6 +121,8 @@ class Worker:
             on_abandoned=self._abandoned,
             producer_factory=producer_factory,
             retry_deadline_s=settings.delivery.retry_deadline_s,
+            transactional_id=self.transactional_id,
+            transaction_timeout_ms=settings.delivery.transaction_timeout_ms,
         )
         batch = settings.batch
         self.batcher = Batcher(
@@ -153,6 +166,18 @@ class Worker:
             settings.delivery,
             max_buffered_bytes=batch.max_buffered_bytes,
         )
+        self.transactions = (
+            Transactions(
+                self.tracker,
+                self.intake,
+                self.producer,
+                self.observer,
+                stages=self,
+                delivery=settings.delivery,
+            )
+            if exactly_once
+            else None
+        )
         self._stop_requested = False
         # Set once the final commit is done: closing the consumer then revokes every
         # partition once more, and that revoke must not wait for in-flight work again.
@@ -167,9 +192,12 @@ class Worker:
     def run(self) -> int:
         """Run until :meth:`request_stop` or a fatal error; returns the exit code."""
         self.inference.start()
-        self.intake.subscribe(self.settings.kafka.subscription, self)
-        log.info("worker started", subscription=self.settings.kafka.subscription)
         try:
+            if self.transactions is not None:
+                self.transactions.start()
+                log.info("exactly-once: transactions on", transactional_id=self.transactional_id)
+            self.intake.subscribe(self.settings.kafka.subscription, self)
+            log.info("worker started", subscription=self.settings.kafka.subscription)
             while not self._stop_requested:
                 self.step()
         except KafkaFatalError as exc:
@@ -182,13 +210,19 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
-        records = self.intake.poll(POLL_MAX_RECORDS, self._poll_timeout())
+        if self.transactions is None:
+            records = self.intake.poll(POLL_MAX_RECORDS, self._poll_timeout())
+        else:
+            records = self._poll_ahead()
         self.accept(records)
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
         self.control_flow()
-        self.committer.commit_if_due()
+        if self.transactions is None:
+            self.committer.commit_if_due()
+        else:
+            self.transactions.step()
         self.check_health()
 
     def shutdown(self) -> int:
@@ -203,6 +237,8 @@ class Worker:
         deadline = time.monotonic() + self.settings.shutdown.shutdown_timeout_s
         self.observer.stopping()
         self.flow.stop()
+        if self.transactions is not None:
+            return self._shutdown_transactional(self.transactions, deadline)
         dropped = self._abandon_unstarted(self.tracker.keys, DiscardReason.SHUTDOWN)
         log.info("stopping", in_flight_batches=self.handoff.in_flight, not_started=dropped)
         self.handoff.close()
@@ -222,11 +258,32 @@ class Worker:
         log.info("worker stopped")
         return EXIT_OK
 
+    def _shutdown_transactional(self, transactions: Transactions, deadline: float) -> int:
+        """Exactly-once: one last checkpoint (it drains every batch, handed over or not),
+        then leave the group."""
+        log.info("stopping", in_flight_batches=self.handoff.in_flight)
+        committed = transactions.checkpoint(deadline)
+        self.handoff.close()
+        if not committed:
+            log.warning("shutdown: the last transaction was aborted, its work is redone")
+        self._settled = True
+        self.intake.close()
+        self.producer.close()
+        log.info("worker stopped")
+        return EXIT_OK
+
     def stop_fatally(self, reason: str) -> int:
-        """Fatal error: commit only what is done, leave the group, exit non-zero."""
+        """Fatal error: commit only what is done, leave the group, exit non-zero (in
+        exactly-once mode: abort the open transaction, commit nothing)."""
         log.error("stopping on a fatal error", error=reason)
         self.observer.stopping()
         self.handoff.close(discard_queued=True)
+        if self.transactions is not None:
+            self.producer.seal()
+            self.producer.abort_transaction(FATAL_DRAIN_S)
+            self._settled = True
+            self.intake.close()
+            return EXIT_FATAL
         deadline = time.monotonic() + FATAL_DRAIN_S
         self.committer.settle(self.tracker.keys, deadline, self._all_delivered, serve_group=False)
         self._settled = True
@@ -292,8 +349,12 @@ class Worker:
 
     def on_revoked(self, keys: list[PartitionKey]) -> None:
         """Stop batching the partitions, wait (bounded) for their in-flight batches to be
-        acknowledged, commit their done offsets, and drop the rest for the next owner."""
+        acknowledged, commit their done offsets, and drop the rest for the next owner.
+        Exactly-once: commit the open transaction (a checkpoint), or abort it."""
         self._gone.update(dict.fromkeys(keys, DiscardReason.REVOKED))
+        if self.transactions is not None:
+            self._revoke_transactional(self.transactions, keys)
+            return
         self._abandon_unstarted(keys, DiscardReason.REVOKED)
         if self._settled:
             # consumer.close() after the final commit: it already waited and committed.
@@ -312,20 +373,70 @@ class Worker:
         self.tracker.remove(keys)
 
     def on_lost(self, keys: list[PartitionKey]) -> None:
-        """The group moved on without us: drop everything, commit nothing."""
+        """The group moved on without us: drop everything, commit nothing (exactly-once:
+        abort the open transaction, which may hold their records)."""
         self._gone.update(dict.fromkeys(keys, DiscardReason.LOST))
+        if self.transactions is not None:
+            if not self._settled:
+                self.transactions.abort(AbortReason.LOST, leaving=keys)
+            self.tracker.remove(keys)
+            return
         for item in self.batcher.drop(set(keys)):
             self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
         self.tracker.remove(keys)
 
+    def _revoke_transactional(self, transactions: Transactions, keys: list[PartitionKey]) -> None:
+        if not self._settled:
+            deadline = time.monotonic() + self.settings.shutdown.revoke_timeout_ms / 1000
+            if not transactions.checkpoint(deadline, AbortReason.REBALANCE, leaving=keys):
+                log.warning(
+                    "revoke: the open transaction was aborted, the next owner redoes it",
+                    partitions=describe_partitions(keys),
+                )
+        self.tracker.remove(keys)
+
+    # -- Stages (worker.pipeline.transactions, main thread) -----------------------------
+
+    def push_work(self) -> None:
+        self.batcher.flush()
+        self.submit_ready_batches()
+
+    def work_done(self) -> bool:
+        return self.batcher.empty and self._all_delivered()
+
+    def drop_unstarted(self, reason: DiscardReason) -> int:
+        dropped = self.batcher.drop_all()
+        for item in dropped:
+            self.observer.record_discarded(item.origin.record.partition_key, reason)
+        return len(dropped)
+
+    def rewound(self, keys: Collection[PartitionKey]) -> None:
+        self._gone.update(dict.fromkeys(keys, DiscardReason.ABORTED))
+
     # -- internals ----------------------------------------------------------------------
+
+    def _poll_ahead(self) -> list[InputRecord]:
+        """Exactly-once: poll only as many records as fill :data:`READ_AHEAD_BATCHES`
+        batches; with those full, wait for the model instead (librdkafka keeps
+        prefetching, heartbeats go on; the wait is bounded by the next checkpoint)."""
+        waiting = self.batcher.open_size + sum(len(batch) for batch in self.batcher.ready)
+        room = READ_AHEAD_BATCHES * self.settings.batch.max_batch_size - waiting
+        if room <= 0:
+            self.producer.serve(POLL_WAITING_TIMEOUT_S)
+            return []
+        return self.intake.poll(min(room, POLL_MAX_RECORDS), self._poll_timeout())
 
     def _poll_timeout(self) -> float:
         if self.batcher.ready:
             return POLL_WAITING_TIMEOUT_S
+        commit_left = (
+            self.committer.time_left()
+            if self.transactions is None
+            else self.transactions.time_left()
+        )
         candidates = [
             POLL_IDLE_TIMEOUT_S,
-            self.committer.time_left(),
+            commit_left,
             self.batcher.time_left(),
             self.producer.next_retry_in(),
         ]
