@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,8 +33,8 @@ import yaml
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import REPO, KafkaCluster, create_topic, free_port, free_ports
-from tests.support.worker_process import Harness, good_event, harness_fixture
+from tests.support.kafka_fixtures import REPO, create_topic, free_port, free_ports
+from tests.support.worker_process import Harness, good_event
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -61,16 +61,6 @@ GPU_METRIC_PREFIX: Final = "tagstream_gpu_"
 # before the worker hears of it; 3 s brings the failure to the worker's own retry (and its
 # metric) while the test waits.
 SHORT_DELIVERY_TIMEOUT: Final = {"message.timeout.ms": 3000}
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _dashboard_expressions() -> list[str]:

@@ -14,15 +14,13 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, TopicPartition
 
-from tests.support.kafka_fixtures import KafkaCluster, create_topic, unique_name
+from tests.support.kafka_fixtures import create_topic, unique_name
 from tests.support.ledger import LedgerReport, count_by_stage
 from tests.support.scorers import ERROR_MARKER
 from tests.support.worker_process import (
@@ -31,7 +29,6 @@ from tests.support.worker_process import (
     Pipeline,
     WorkerProcess,
     good_event,
-    harness_fixture,
 )
 
 STREAM_SLEEP_MS = 25
@@ -51,16 +48,6 @@ POISON: tuple[tuple[bytes, str], ...] = (
     (orjson.dumps({"id": "p-score", "text": f"sports {ERROR_MARKER}"}), "inference"),
 )
 PARTITION_NAME = re.compile(r"[\w.-]+\[\d+\]")
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _stream(count: int) -> Iterator[tuple[bytes | None, bytes | None]]:
@@ -208,8 +195,9 @@ def test_workers_joining_and_leaving_keep_the_ledger_exact(
 
 @pytest.mark.xfail(
     reason="known issue: after the restart the worker loses its partitions, is assigned them "
-    "again and then makes no progress (and does not exit on SIGTERM); under investigation",
-    strict=False,
+    "again and then makes no progress (and does not exit on SIGTERM); under investigation. "
+    "Not run: it fails after its full 3-minute timeout (run it with --runxfail)",
+    run=False,
 )
 def test_a_broker_restart_mid_stream_keeps_the_ledger_exact(harness: Harness) -> None:
     if not harness.kafka.managed:

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import orjson
-import pytest
 from confluent_kafka import KafkaError, Message, Producer
-from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import KafkaCluster, create_topic, unique_name
+from tests.support.kafka_fixtures import create_topic, unique_name
 from tests.support.ledger import RECHECK_INTERVAL_S, Coordinate, LedgerReport, Record
 from tests.support.scorers import RAISE_MARKER
 from tests.support.worker_process import (
@@ -47,7 +45,6 @@ from tests.support.worker_process import (
     WorkerProcess,
     expected_label,
     good_event,
-    harness_fixture,
 )
 
 MIB: Final = 1024 * 1024
@@ -268,16 +265,6 @@ class StreamProducer:
                 self.hostile[coordinate] = hostile
 
         return report
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _hostile_pipeline(harness: Harness) -> Pipeline:

@@ -14,16 +14,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 import orjson
-import pytest
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import KafkaCluster, free_port
+from tests.support.kafka_fixtures import free_port
 from tests.support.ledger import LedgerReport, count_by_stage
 from tests.support.observability import Samples, samples_of
 from tests.support.scorers import BLOCK_MARKER, GATE_ENV, LOAD_GATE_ENV
@@ -33,7 +29,6 @@ from tests.support.worker_process import (
     Pipeline,
     WorkerProcess,
     good_event,
-    harness_fixture,
 )
 from worker.observability.redaction import MASK
 
@@ -53,16 +48,6 @@ BAD_EVERY: Final = 9
 STALE_AFTER_S: Final = 2
 CONTEXT_FIELDS: Final = ("timestamp", "level", "logger", "event", "worker_id", "group")
 REBALANCE_EVENTS: Final = ("partitions assigned", "partitions revoked", "partitions lost")
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -7,22 +7,17 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Final
 
 import orjson
-import pytest
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import REPO, KafkaCluster
+from tests.support.kafka_fixtures import REPO
 from tests.support.ledger import Record
 from tests.support.worker_process import (
     COMPLETE_TIMEOUT_S,
     Harness,
     Pipeline,
     good_event,
-    harness_fixture,
 )
 
 # The "bug": a text limit the good events meet and the poison ones break.
@@ -33,16 +28,6 @@ STUB_AT: Final = 8  # too large for the dead-letter topic below: written as a st
 BROKEN_AT: Final = 30  # not JSON: fails again after the fix
 DLQ_MAX_BYTES: Final = "1024"
 REPLAY_TIMEOUT_S: Final = 120
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _corpus() -> list[tuple[bytes, bytes]]:

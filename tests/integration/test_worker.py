@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import KafkaCluster
 from tests.support.ledger import LedgerReport, Record, count_by_stage
 from tests.support.scorers import ERROR_MARKER, RAISE_MARKER
 from tests.support.worker_process import (
@@ -25,18 +21,7 @@ from tests.support.worker_process import (
     Harness,
     expected_label,
     good_event,
-    harness_fixture,
 )
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _only(records: list[Record]) -> Record:

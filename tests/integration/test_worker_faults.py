@@ -9,14 +9,11 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.support.kafka_fixtures import KafkaCluster
 from tests.support.ledger import Ledger
 from tests.support.scorers import read_scorer_log
 from tests.support.worker_process import (
@@ -25,7 +22,6 @@ from tests.support.worker_process import (
     Pipeline,
     WorkerProcess,
     good_event,
-    harness_fixture,
 )
 
 # Per-batch sleep of the fake scorer in the crash tests: slow enough that a signal lands
@@ -38,16 +34,6 @@ FAST_SESSION = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 REBALANCE_SLEEP_MS = 60
 # Requests the killed worker had already sent may still be appended by the broker.
 KILL_SETTLE_S = 1.0
-
-
-@pytest.fixture
-def harness(
-    kafka: KafkaCluster,
-    admin: AdminClient,
-    make_producer: Callable[..., Producer],
-    tmp_path: Path,
-) -> Iterator[Harness]:
-    yield from harness_fixture(kafka, admin, make_producer, tmp_path)
 
 
 def _output_count(pipeline: Pipeline) -> int:
