@@ -453,6 +453,10 @@ class ProducerStage:
         """One try to queue the record in librdkafka; ``False`` if its queue is full.
         Called with the backlog lock held, so records enter the queue in order."""
         producer = self._solo_producer() if record.solo else self._producer
+        if self.transactional:
+            # Before the produce call: its delivery report may run on the main thread as
+            # soon as the call returns, and a report without its transaction is ignored.
+            record.txn = self._txn_seq
         try:
             error = producer.produce(
                 record.topic,
@@ -464,7 +468,6 @@ class ProducerStage:
         except BufferError:
             return False
         if self.transactional:
-            record.txn = self._txn_seq
             self._txn_records.append(record)
         if error is not None:
             self._failed_sends.append((record, error))

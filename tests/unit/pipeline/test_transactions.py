@@ -16,16 +16,19 @@ from typing import Final
 import orjson
 import pytest
 
-from tests.support.fake_kafka import FakeClients, record
+from tests.support.fake_kafka import FakeClients, FakeProducer, record
 from tests.support.scorers import FakeScorer
 from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
 from worker.contract.deadletter import WorkerIdentity
 from worker.errors import ConfigError
 from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError
-from worker.kafka.records import PartitionKey
+from worker.kafka.producer import DeliveryReport
+from worker.kafka.records import OutHeaders, PartitionKey
 from worker.observability.metrics import TRANSACTION_ABORT_REASONS
+from worker.pipeline.delivery import Outbound, ProducerStage
 from worker.pipeline.observer import Observer
+from worker.pipeline.offsets import OffsetTracker, Tracked
 from worker.pipeline.transactions import AbortReason, transactional_id
 from worker.pipeline.worker import Worker
 
@@ -240,3 +243,39 @@ def test_bad_exactly_once_settings_are_refused_at_start_up(
 ) -> None:
     with pytest.raises(ConfigError, match=named):
         _settings(**flags)
+
+
+class _ReportsAtOnce(FakeProducer):
+    """A producer whose delivery report runs before ``produce`` returns to its caller: what
+    the main thread's poll can do while the inference thread is still in ``produce``."""
+
+    def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: OutHeaders,
+        on_delivery: DeliveryReport,
+    ) -> ClientError | None:
+        error = super().produce(topic, key, value, headers, on_delivery)
+        self.ack_all()
+        return error
+
+
+def test_a_delivery_report_that_overtakes_its_produce_call_still_marks_the_offset_done() -> None:
+    settings = _settings()
+    stage = ProducerStage(
+        settings.kafka,
+        WorkerIdentity(group="tagstream", worker="test:1", model="fake@v1"),
+        Observer(),
+        producer_factory=lambda _config, on_error: _ReportsAtOnce(on_error),
+        transactional_id="tagstream-test",
+    )
+    tracker = OffsetTracker()
+    tracker.assign([P0])
+    state = tracker.get(P0)
+    assert state is not None and state.receive(0)
+    origin = Tracked(record(TOPIC, 0, 0, b"{}"), state)
+    stage.send(Outbound("news.tagged", None, b"{}", [], "output", origin))
+    assert state.pending == 0  # done: the report belonged to the open transaction
+    assert tracker.commits_due(unconfirmed=True) == {P0: 1}
