@@ -37,6 +37,9 @@ Manifest = dict[str, Any]
 
 # The public environment interface of the worker (issue 4 and 5) plus HF_HOME.
 PUBLIC_ENV = {
+    "TAGSTREAM_PROCESSING_GUARANTEE",
+    "TAGSTREAM_TRANSACTION_TIMEOUT_MS",
+    "TAGSTREAM_TRANSACTIONAL_ID",
     "TAGSTREAM_BOOTSTRAP_SERVERS",
     "TAGSTREAM_INPUT_TOPICS",
     "TAGSTREAM_OUTPUT_TOPIC",
