@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 from collections.abc import Iterator
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from tests.support.kafka_fixtures import create_topic, unique_name
 from tests.support.ledger import LedgerReport, count_by_stage
@@ -29,6 +27,8 @@ from tests.support.worker_process import (
     Pipeline,
     WorkerProcess,
     good_event,
+    output_count,
+    wait_for_outputs,
 )
 
 STREAM_SLEEP_MS = 25
@@ -84,25 +84,6 @@ def _env(
     return env
 
 
-def _output_count(pipeline: Pipeline) -> int:
-    """Records appended to the output topic so far, committed or not (its high watermark)."""
-    consumer = Consumer({"bootstrap.servers": pipeline.bootstrap, "group.id": "watermarks"})
-    try:
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(pipeline.output_topic, 0), timeout=10
-        )
-        return int(high)
-    finally:
-        consumer.close()
-
-
-def _wait_for_outputs(pipeline: Pipeline, count: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _output_count(pipeline) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} outputs after {timeout_s}s"
-        time.sleep(0.05)
-
-
 def _assigned(worker: WorkerProcess) -> list[str]:
     return [
         name
@@ -140,16 +121,16 @@ def test_kill_9_twice_leaves_every_result_visible_exactly_once(harness: Harness)
     env = _env(pipeline, transactional_id=f"{pipeline.group_id}-0")
 
     first = harness.start(env)
-    _wait_for_outputs(pipeline, events // 4)
+    wait_for_outputs(pipeline, events // 4)
     first.kill()
     second = harness.start(env)
-    _wait_for_outputs(pipeline, (events * 2) // 3)
+    wait_for_outputs(pipeline, (events * 2) // 3)
     second.kill()
     harness.start(env)
     report = _complete(pipeline, harness)
 
     _assert_exact(report, events, harness)
-    written = _output_count(pipeline)
+    written = output_count(pipeline)
     print(f"\nkill -9 twice: {written} output offsets used (aborted records and markers too)")
 
 
@@ -175,14 +156,14 @@ def test_workers_joining_and_leaving_keep_the_ledger_exact(
 
     first = harness.start(env)
     second = harness.start(env)
-    _wait_for_outputs(pipeline, events // 6)
+    wait_for_outputs(pipeline, events // 6)
     third = harness.start(env)
     third.wait_for("partitions assigned")
-    _wait_for_outputs(pipeline, events // 3)
+    wait_for_outputs(pipeline, events // 3)
     leaving = next((worker for worker in (first, second) if _assigned(worker)), first)
     leaving.send(signal.SIGTERM)
     assert leaving.wait() == 0, leaving.output()
-    assert _output_count(pipeline) < events, "the stream was over before a worker left"
+    assert output_count(pipeline) < events, "the stream was over before a worker left"
     report = _complete(pipeline, harness)
 
     _assert_exact(report, events, harness)
@@ -207,7 +188,7 @@ def test_a_broker_restart_mid_stream_keeps_the_ledger_exact(harness: Harness) ->
     pipeline.produce(harness.producer(), _stream(first_half))
 
     worker = harness.start(_env(pipeline))
-    _wait_for_outputs(pipeline, 300)
+    wait_for_outputs(pipeline, 300)
     harness.kafka.restart()
     pipeline.produce(harness.producer(), _stream(second_half))
     report = pipeline.ledger("read_committed").wait_until_complete(COMPLETE_TIMEOUT_S)
@@ -275,13 +256,13 @@ def test_a_zombie_resumed_after_its_partitions_moved_on_is_fenced(harness: Harne
     env = _env(pipeline)
 
     zombie = harness.start(env)
-    _wait_for_outputs(pipeline, events // 4)
+    wait_for_outputs(pipeline, events // 4)
     zombie.send(signal.SIGSTOP)
-    stopped_at = _output_count(pipeline)
+    stopped_at = output_count(pipeline)
     heir = harness.start(env)
     # Past the session timeout the group drops the zombie and gives the heir everything.
     heir.wait_for("partitions assigned", timeout_s=60.0)
-    _wait_for_outputs(pipeline, stopped_at + events // 4, timeout_s=120.0)
+    wait_for_outputs(pipeline, stopped_at + events // 4, timeout_s=120.0)
     zombie.send(signal.SIGCONT)
     report = pipeline.ledger("read_committed").wait_until_complete(COMPLETE_TIMEOUT_S)
     zombie_output = zombie.output()

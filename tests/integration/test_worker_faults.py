@@ -11,7 +11,6 @@ import signal
 import time
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.support.ledger import Ledger
@@ -22,6 +21,8 @@ from tests.support.worker_process import (
     Pipeline,
     WorkerProcess,
     good_event,
+    output_count,
+    wait_for_outputs,
 )
 
 # Per-batch sleep of the fake scorer in the crash tests: slow enough that a signal lands
@@ -34,25 +35,6 @@ FAST_SESSION = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 REBALANCE_SLEEP_MS = 60
 # Requests the killed worker had already sent may still be appended by the broker.
 KILL_SETTLE_S = 1.0
-
-
-def _output_count(pipeline: Pipeline) -> int:
-    """Records in the output topic so far (its log end; one partition)."""
-    consumer = Consumer({"bootstrap.servers": pipeline.bootstrap, "group.id": "watermarks"})
-    try:
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(pipeline.output_topic, 0), timeout=10
-        )
-        return int(high)
-    finally:
-        consumer.close()
-
-
-def _wait_for_outputs(pipeline: Pipeline, count: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _output_count(pipeline) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} outputs after {timeout_s}s"
-        time.sleep(0.05)
 
 
 PARTITION_NAME = re.compile(r"[\w.-]+\[\d+\]")
@@ -94,7 +76,7 @@ def test_kill_9_then_restart_loses_nothing(harness: Harness) -> None:
     ledger = pipeline.ledger()
 
     first = harness.start(_stream_env(pipeline))
-    _wait_for_outputs(pipeline, events // 3)
+    wait_for_outputs(pipeline, events // 3)
     first.kill()
     time.sleep(KILL_SETTLE_S)
     committed_at_kill = ledger.committed()
@@ -128,10 +110,10 @@ def test_sigterm_then_restart_exits_0_without_duplicates(harness: Harness) -> No
     shutdown_timeout_s = 20
 
     first = harness.start(_stream_env(pipeline, shutdown_timeout_s=shutdown_timeout_s))
-    _wait_for_outputs(pipeline, events // 3)
+    wait_for_outputs(pipeline, events // 3)
     first.send(signal.SIGTERM)
     assert first.wait(shutdown_timeout_s + 10) == 0, first.output()
-    stopped_early = _output_count(pipeline)
+    stopped_early = output_count(pipeline)
     assert stopped_early < events, "the stream was over before the signal"
     assert "worker stopped" in first.output()
 
@@ -184,16 +166,16 @@ def test_workers_joining_and_leaving_keep_the_ledger_clean(
 
     first = harness.start(env)
     second = harness.start(env)
-    _wait_for_outputs(pipeline, events // 6)
+    wait_for_outputs(pipeline, events // 6)
     third = harness.start(env)
     third.wait_for("partitions assigned")
-    _wait_for_outputs(pipeline, events // 3)
+    wait_for_outputs(pipeline, events // 3)
     # The member that leaves must own partitions. The KIP-848 assignor does not always give
     # the first member a share before the stream is under way, so take one that has.
     leaving = next((worker for worker in (first, second) if _assigned(worker)), first)
     leaving.send(signal.SIGTERM)
     assert leaving.wait() == 0, leaving.output()
-    assert _output_count(pipeline) < events, "the stream was over before a worker left"
+    assert output_count(pipeline) < events, "the stream was over before a worker left"
 
     report = pipeline.ledger().wait_until_complete(COMPLETE_TIMEOUT_S)
     harness.stop_all()
@@ -215,7 +197,7 @@ def test_the_worker_recovers_from_a_broker_restart(harness: Harness) -> None:
     pipeline.produce(harness.producer(), (good_event(i) for i in first_half))
 
     worker = harness.start(_stream_env(pipeline))
-    _wait_for_outputs(pipeline, 300)
+    wait_for_outputs(pipeline, 300)
     harness.kafka.restart()
     pipeline.produce(harness.producer(), (good_event(i) for i in second_half))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.support.kafka_fixtures import REPO, KafkaCluster, create_topic, unique_name
@@ -254,3 +254,24 @@ def harness_fixture(
         yield Harness(kafka, admin, make_producer, fleet)
     finally:
         fleet.close()
+
+
+def output_count(pipeline: Pipeline) -> int:
+    """Records appended to the output topic so far (its high watermark; one partition),
+    committed or not: transaction markers count too."""
+    consumer = Consumer({"bootstrap.servers": pipeline.bootstrap, "group.id": "watermarks"})
+    try:
+        _, high = consumer.get_watermark_offsets(
+            TopicPartition(pipeline.output_topic, 0), timeout=10
+        )
+        return int(high)
+    finally:
+        consumer.close()
+
+
+def wait_for_outputs(pipeline: Pipeline, count: int, timeout_s: float = 60.0) -> None:
+    """Until the output topic holds ``count`` records (see :func:`output_count`)."""
+    deadline = time.monotonic() + timeout_s
+    while output_count(pipeline) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} outputs after {timeout_s}s"
+        time.sleep(0.05)
