@@ -15,7 +15,8 @@
 #   PYTHON_IMAGE  the slim Python base of the cpu variant.
 #   CUDA_IMAGE    the CUDA runtime base of the cuda variant (Ubuntu 24.04 ships Python 3.12).
 #   EXTRAS        comma-separated project extras; `embedding` bundles the offline MiniLM model
-#                 so the embedding scorer works without the Hugging Face Hub. Empty for none.
+#                 so the embedding scorer works without the Hugging Face Hub, `serve` adds the
+#                 HTTP server of `tagstream serve` (FastAPI, uvicorn). Empty for none.
 #   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL  optional package mirrors (builder stage only, so they
 #                 never reach the runtime image's history).
 #
@@ -42,7 +43,7 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
 # ---------------------------------------------------------------------------- builder
 # hadolint ignore=DL3006
 FROM base-${BASE} AS builder
-ARG EXTRAS=embedding
+ARG EXTRAS=embedding,serve
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 KAFKACTL := $(PYTHON) dev/kafka/kafkactl.py
 PYTEST_ARGS ?=
 
-PHONY_EXTRA := tools deploy-check bench-setup bench-scorer bench-pipeline bench-latency bench-soak faults-loop
+PHONY_EXTRA := tools deploy-check bench-setup bench-scorer bench-pipeline bench-latency bench-soak bench-serve faults-loop
 .PHONY: $(PHONY_EXTRA) setup test unit integration lint fmt kafka-up kafka-down kafka-status demo schemas bench clean
 
 ## setup: create .venv and install tagstream with its test and dev extras (no-op when unchanged)
@@ -78,6 +78,10 @@ bench-pipeline: bench-setup
 
 bench-latency: bench-setup
 	$(PY) -m bench.latency
+
+## bench-serve: tagstream serve's requests/s and p50/p99 at concurrency 1, 8, 64 (bench/serve.py)
+bench-serve: bench-setup
+	$(PY) -m bench.serve
 
 ## bench-soak: ten minutes at half the no-model rate; RSS at minute 1 and 10 (bench/soak.py)
 bench-soak: bench-setup

@@ -1,4 +1,5 @@
-"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay`` and ``schemas``."""
+"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay``, ``schemas``
+and ``serve``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("produce", "send input events to a topic"),
     "replay": ("replay", "send dead-lettered inputs back into the stream"),
     "schemas": ("schemas", "write the JSON Schema files of the event contract"),
+    "serve": ("serve", "score over HTTP on the same micro-batcher: POST /v1/classify"),
 }
 
 

@@ -54,6 +54,7 @@ class HealthState:
         stale_after_s: float = DEFAULT_HEALTH_STALE_AFTER_S,
         *,
         clock: Callable[[], float] = time.monotonic,
+        needs_group: bool = True,
     ) -> None:
         if stale_after_s <= 0:
             raise ValueError("stale_after_s must be positive")
@@ -63,7 +64,8 @@ class HealthState:
         self._last_beat: dict[Component, float] = {}
         self._waiting: set[Component] = set()
         self._model_ready = False
-        self._joined = False
+        # ``tagstream serve`` joins no consumer group: readiness is the model alone.
+        self._joined = not needs_group
         self._scorer_failing = False
         self._shutting_down = False
 

@@ -11,6 +11,11 @@ than the input.
 
 The :class:`Batcher` is owned by the main thread; the :class:`Handoff` is the only object
 shared with the inference thread.
+
+The batching rules do not depend on what is batched: :class:`MicroBatcher` and
+:class:`BatchHandoff` take any item with ``tokens`` and ``size``, so ``tagstream serve``
+(:mod:`worker.serve.batcher`) batches HTTP requests with exactly the worker's rules;
+:class:`Batcher` and :class:`Handoff` are the worker's instances, over :class:`PendingEvent`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from worker.contract.events import EventFields
 from worker.contract.scorer import ScoreRequest
@@ -42,6 +47,9 @@ class CloseReason(enum.StrEnum):
     TIME = "time"
     # Exactly-once: a transaction commit drains everything (worker.pipeline.transactions).
     CHECKPOINT = "checkpoint"
+    # tagstream serve, continuous batching: the inference thread was idle, so the open
+    # batch went to it at once (worker.serve.batcher).
+    IDLE = "idle"
 
 
 class PendingEvent(NamedTuple):
@@ -59,12 +67,26 @@ class PendingEvent(NamedTuple):
         return PENDING_EVENT_OVERHEAD_BYTES + (0 if value is None else 2 * len(value))
 
 
+class Weighed(Protocol):
+    """What the batcher reads of an item: its cost to the model and the bytes it holds."""
+
+    @property
+    def tokens(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+ItemT = TypeVar("ItemT", bound=Weighed)
+BatchT = TypeVar("BatchT")
+
+
 @dataclass(slots=True)
-class Batch:
-    """Events scored together in one call of the scorer."""
+class MicroBatch(Generic[ItemT]):
+    """Items scored together in one call of the scorer."""
 
     opened_at: float
-    items: list[PendingEvent] = field(default_factory=list)
+    items: list[ItemT] = field(default_factory=list)
     tokens: int = 0
     reason: CloseReason | None = None
     # Numbered by the main thread on submission; both threads' log lines carry it.
@@ -74,7 +96,11 @@ class Batch:
         return len(self.items)
 
 
-class Batcher:
+# The worker's batch: Kafka events.
+Batch = MicroBatch[PendingEvent]
+
+
+class MicroBatcher(Generic[ItemT]):
     """Fills micro-batches to a size cap, a token budget and a wait deadline."""
 
     def __init__(
@@ -83,15 +109,15 @@ class Batcher:
         max_wait_s: float,
         max_tokens: int,
         clock: Callable[[], float] = time.monotonic,
-        on_close: Callable[[Batch], None] | None = None,
+        on_close: Callable[[MicroBatch[ItemT]], None] | None = None,
     ) -> None:
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.max_tokens = max_tokens
         self._clock = clock
         self._on_close = on_close
-        self._open: Batch | None = None
-        self.ready: deque[Batch] = deque()
+        self._open: MicroBatch[ItemT] | None = None
+        self.ready: deque[MicroBatch[ItemT]] = deque()
         # Bytes held by the events of the open and the ready batches.
         self.buffered_bytes = 0
 
@@ -99,7 +125,7 @@ class Batcher:
     def open_size(self) -> int:
         return 0 if self._open is None else len(self._open)
 
-    def add(self, item: PendingEvent) -> None:
+    def add(self, item: ItemT) -> None:
         """Add an event; batches that close on it are appended to :attr:`ready`.
 
         An event that would push the open batch over the token budget closes that batch
@@ -109,7 +135,7 @@ class Batcher:
         if self._open is not None and self._open.tokens + item.tokens > self.max_tokens:
             self._close(CloseReason.TOKENS)
         if self._open is None:
-            self._open = Batch(opened_at=self._clock())
+            self._open = MicroBatch[ItemT](opened_at=self._clock())
         self._open.items.append(item)
         self._open.tokens += item.tokens
         self.buffered_bytes += item.size
@@ -129,39 +155,23 @@ class Batcher:
         if self._open is not None and self.time_left() == 0.0:
             self._close(CloseReason.TIME)
 
-    def flush(self) -> None:
-        """Close the open batch now (a transaction commit waits for every event)."""
-        self._close(CloseReason.CHECKPOINT)
+    def flush(self, reason: CloseReason = CloseReason.CHECKPOINT) -> None:
+        """Close the open batch now (a transaction commit waits for every event; an idle
+        inference thread of ``tagstream serve`` takes what is there)."""
+        self._close(reason)
 
     @property
     def empty(self) -> bool:
         """No event waits here, in the open or a ready batch."""
         return self._open is None and not self.ready
 
-    def pop_ready(self) -> Batch:
+    def pop_ready(self) -> MicroBatch[ItemT]:
         """Take the oldest ready batch (it is handed to the inference thread)."""
         batch = self.ready.popleft()
         self.buffered_bytes -= sum(item.size for item in batch.items)
         return batch
 
-    def drop(self, keys: Collection[PartitionKey]) -> list[PendingEvent]:
-        """Remove the events of these partitions from the open and the ready batches."""
-        dropped: list[PendingEvent] = []
-        batches = [*self.ready, *([self._open] if self._open is not None else [])]
-        for batch in batches:
-            kept: list[PendingEvent] = []
-            for item in batch.items:
-                (dropped if item.origin.record.partition_key in keys else kept).append(item)
-            if len(kept) != len(batch.items):
-                batch.items = kept
-                batch.tokens = sum(item.tokens for item in kept)
-        self.ready = deque(batch for batch in self.ready if batch.items)
-        if self._open is not None and not self._open.items:
-            self._open = None
-        self.buffered_bytes -= sum(item.size for item in dropped)
-        return dropped
-
-    def drop_all(self) -> list[PendingEvent]:
+    def drop_all(self) -> list[ItemT]:
         """Remove every event of the open and the ready batches."""
         batches = [*self.ready, *([self._open] if self._open is not None else [])]
         dropped = [item for batch in batches for item in batch.items]
@@ -180,7 +190,28 @@ class Batcher:
             self._on_close(batch)
 
 
-class Handoff:
+class Batcher(MicroBatcher[PendingEvent]):
+    """The worker's batcher: Kafka events, which a revoke takes out by partition."""
+
+    def drop(self, keys: Collection[PartitionKey]) -> list[PendingEvent]:
+        """Remove the events of these partitions from the open and the ready batches."""
+        dropped: list[PendingEvent] = []
+        batches = [*self.ready, *([self._open] if self._open is not None else [])]
+        for batch in batches:
+            kept: list[PendingEvent] = []
+            for item in batch.items:
+                (dropped if item.origin.record.partition_key in keys else kept).append(item)
+            if len(kept) != len(batch.items):
+                batch.items = kept
+                batch.tokens = sum(item.tokens for item in kept)
+        self.ready = deque(batch for batch in self.ready if batch.items)
+        if self._open is not None and not self._open.items:
+            self._open = None
+        self.buffered_bytes -= sum(item.size for item in dropped)
+        return dropped
+
+
+class BatchHandoff(Generic[BatchT]):
     """The bounded hand-over of batches from the main thread to the inference thread.
 
     ``in_flight`` counts batches submitted and not yet finished (queued or being scored);
@@ -189,7 +220,7 @@ class Handoff:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._queue: deque[Batch] = deque()
+        self._queue: deque[BatchT] = deque()
         self._in_flight = 0
         self._closed = False
         self._condition = threading.Condition()
@@ -199,7 +230,7 @@ class Handoff:
         with self._condition:
             return self._in_flight
 
-    def try_submit(self, batch: Batch) -> bool:
+    def try_submit(self, batch: BatchT) -> bool:
         """Main thread: hand a batch over unless ``limit`` batches are in flight."""
         with self._condition:
             if self._in_flight >= self.limit or self._closed:
@@ -209,7 +240,7 @@ class Handoff:
             self._condition.notify_all()
             return True
 
-    def take(self) -> Batch | None:
+    def take(self) -> BatchT | None:
         """Inference thread: the next batch, blocking; None once closed and drained."""
         with self._condition:
             while not self._queue and not self._closed:
@@ -235,3 +266,7 @@ class Handoff:
                 self._in_flight -= len(self._queue)
                 self._queue.clear()
             self._condition.notify_all()
+
+
+class Handoff(BatchHandoff[Batch]):
+    """The worker's hand-over: batches of Kafka events."""

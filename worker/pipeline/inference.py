@@ -83,6 +83,27 @@ def warm_up(scorer: Scorer, tagging: TaggingSettings) -> None:
         raise WarmUpError(f"the warm-up request failed: {outcome.error_class}: {outcome.message}")
 
 
+def score_isolated(scorer: Scorer, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+    """One outcome per request: the whole batch in one call, or, when that call raises (or
+    returns the wrong number of outcomes), each request alone, so that only the requests
+    that fail on their own get a :class:`ScoreError`. Raises only :class:`DeviceError`."""
+    try:
+        outcomes = scorer.score(requests)
+        if len(outcomes) != len(requests):
+            raise RuntimeError(f"scorer returned {len(outcomes)} results for {len(requests)}")
+        return outcomes
+    except DeviceError:
+        raise  # the device is gone for this process: stop, do not dead-letter the rest
+    except Exception as exc:
+        if len(requests) == 1:
+            # Alone in its batch, the event is the cause: it is dead-lettered, and the
+            # thread goes on (a one-event batch is common: low traffic, revokes).
+            log.warning("scoring one event failed, dead-lettering it", exc_info=True)
+            return [ScoreError.from_exception(exc)]
+        log.warning("batch scoring failed, scoring events one by one", exc_info=True)
+    return [score_isolated(scorer, [request])[0] for request in requests]
+
+
 class InferenceStage:
     """Runs the scorer on its own thread, fed by a :class:`Handoff`."""
 
@@ -258,21 +279,7 @@ class InferenceStage:
         return active
 
     def _score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
-        try:
-            outcomes = self._scorer.score(requests)
-            if len(outcomes) != len(requests):
-                raise RuntimeError(f"scorer returned {len(outcomes)} results for {len(requests)}")
-            return outcomes
-        except DeviceError:
-            raise  # the device is gone for this process: stop, do not dead-letter the rest
-        except Exception as exc:
-            if len(requests) == 1:
-                # Alone in its batch, the event is the cause: it is dead-lettered, and the
-                # thread goes on (a one-event batch is common: low traffic, revokes).
-                log.warning("scoring one event failed, dead-lettering it", exc_info=True)
-                return [ScoreError.from_exception(exc)]
-            log.warning("batch scoring failed, scoring events one by one", exc_info=True)
-        return [self._score([request])[0] for request in requests]
+        return score_isolated(self._scorer, requests)
 
     def _emit(self, item: PendingEvent, outcome: ScoreOutcome, scored_at: datetime) -> None:
         if isinstance(outcome, LabelScores):

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from tests.support.scorers import FakeScorer
 from worker.cli import main
 from worker.commands import run as run_command
 from worker.config.loading import SECTIONS, load_observability_settings, load_run_settings
 from worker.config.observability import ObservabilitySettings
+from worker.config.serve import ServeBatching, ServeSettings
 from worker.config.settings import KafkaSettings, ModelSettings
 from worker.errors import ConfigError
 from worker.kafka.config import consumer_config, producer_config, security_config
@@ -148,6 +150,22 @@ def test_observability_settings_come_from_the_same_sources(
 def test_every_setting_name_belongs_to_one_section() -> None:
     names = Counter(name for cls in SECTIONS.values() for name in cls.model_fields)
     assert [name for name, count in names.items() if count > 1] == []
+
+
+def test_serve_settings_read_their_own_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not set(ServeSettings.model_fields) & {
+        n for c in SECTIONS.values() for n in c.model_fields
+    }
+    monkeypatch.setenv("TAGSTREAM_SERVE_PORT", "9000")
+    monkeypatch.setenv("TAGSTREAM_SERVE_MAX_PENDING_TEXTS", "64")
+    assert ServeSettings().serve_batching is ServeBatching.CONTINUOUS
+    monkeypatch.setenv("TAGSTREAM_SERVE_BATCHING", "windowed")
+    settings = ServeSettings()
+    assert (settings.serve_port, settings.serve_max_pending_texts) == (9000, 64)
+    assert (settings.serve_host, settings.serve_max_inputs) == ("0.0.0.0", 64)
+    assert settings.serve_batching is ServeBatching.WINDOWED
+    with pytest.raises(ValidationError, match="TAGSTREAM_SERVE_MAX_INPUTS"):
+        ServeSettings(serve_max_inputs=65)
 
 
 def test_an_unknown_yaml_key_is_an_error(tmp_path: Path) -> None:

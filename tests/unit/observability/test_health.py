@@ -91,6 +91,15 @@ def test_readiness_is_lost_with_the_group_membership(health: HealthState) -> Non
     assert health.readiness().ok
 
 
+def test_without_a_group_readiness_is_the_model_alone() -> None:
+    health = HealthState(needs_group=False)  # tagstream serve
+    assert health.readiness().body == {"status": "not_ready", "waiting_for": ["model"]}
+    health.mark_model_ready()
+    assert health.readiness().ok
+    health.mark_shutting_down()
+    assert health.readiness().body == {"status": "shutting_down"}
+
+
 def test_readiness_is_lost_while_the_inference_circuit_is_open(health: HealthState) -> None:
     health.mark_model_ready()
     health.mark_joined()
