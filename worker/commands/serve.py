@@ -22,7 +22,9 @@ warmed up.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any, Final
 
@@ -58,6 +60,36 @@ SECTIONS: Final[tuple[type[BaseSettings], ...]] = (
 NOT_READ: Final = frozenset({"metrics_port", "metrics_host"})
 SHORT_FLAGS: Final = {"serve_host": "--host", "serve_port": "--port"}
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# The CPUs TAGSTREAM_SERVE_TORCH_THREADS=0 keeps out of torch's pool: the event loop's.
+EVENT_LOOP_CPUS: Final = 1
+
+
+def torch_threads(setting: int, cpus: int, environ: Mapping[str, str]) -> int | None:
+    """The torch CPU thread count ``serve`` sets: the setting when given; for 0 (auto) all
+    CPUs but the event loop's, at least one; None (torch decides) when 0 and the
+    environment sets OMP_NUM_THREADS."""
+    if setting > 0:
+        return setting
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cpus - EVENT_LOOP_CPUS)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _set_torch_threads(setting: int) -> None:
+    threads = torch_threads(setting, _cpus(), os.environ)
+    if threads is None:
+        return
+    import torch  # the model's own import, on the loader thread
+
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads", threads=threads)
 
 
 def setting_names() -> dict[str, type[BaseSettings]]:
@@ -133,6 +165,7 @@ def execute(args: argparse.Namespace) -> int:
     outcome = _Outcome()
 
     def load_scorer() -> Scorer:
+        _set_torch_threads(serve.serve_torch_threads)
         scorer = build_scorer(model, include_nli_probs=False)
         metrics.set_model_info(scorer.info)
         warm_up(scorer, tagging)

@@ -32,6 +32,11 @@ DEFAULT_MAX_PENDING_TEXTS: Final = 1024
 # one is answered 503 at once. Each may hold a body of up to the request limit, so 256 bound
 # what requests hold at 256 MiB by default; 4x the largest concurrency benchmarked (64).
 DEFAULT_MAX_CONNECTIONS: Final = 256
+# TAGSTREAM_SERVE_TORCH_THREADS=0: one CPU is left to the event loop, which parses and
+# answers requests while the model runs; with a torch thread on every CPU the two fought
+# over the cores: the tiny CPU model served 42.7 requests/s at concurrency 64 instead of
+# 388.6 on 2 CPUs (bench/serve.py, README).
+AUTO_TORCH_THREADS: Final = 0
 # Kubernetes sends SIGKILL 30 s after SIGTERM by default; the drain stays at or under it.
 DEFAULT_DRAIN_TIMEOUT_S: Final = 30.0
 
@@ -66,6 +71,12 @@ class ServeSettings(BaseSettings):
         description="continuous: a batch goes to the model as soon as it is idle and fills "
         "only while it is busy (TAGSTREAM_MAX_WAIT_MS unused); windowed: the worker's rule, "
         "a text waits up to TAGSTREAM_MAX_WAIT_MS for company.",
+    )
+    serve_torch_threads: int = Field(
+        default=AUTO_TORCH_THREADS,
+        ge=0,
+        description="torch's CPU threads (torch.set_num_threads); 0: all CPUs but one, left "
+        "to the event loop (unless OMP_NUM_THREADS is set, which then applies).",
     )
     serve_max_request_bytes: int = Field(
         default=DEFAULT_MAX_REQUEST_BYTES,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support.scorers import BLOCK_MARKER, GATE_ENV
-from worker.commands.serve import setting_names
+from worker.commands.serve import setting_names, torch_threads
 from worker.config.loading import env_name
 from worker.exit_codes import EXIT_OK, EXIT_USAGE
 
@@ -118,12 +118,29 @@ def test_every_serve_setting_is_a_flag_and_the_short_ones_work() -> None:
 
 
 @pytest.mark.parametrize(
+    ("setting", "cpus", "environ", "threads"),
+    [
+        (0, 2, {}, 1),  # one CPU left to the event loop
+        (0, 16, {}, 15),
+        (0, 1, {}, 1),  # never none
+        (0, 8, {"OMP_NUM_THREADS": "4"}, None),  # the environment's choice stands
+        (3, 8, {"OMP_NUM_THREADS": "4"}, 3),  # the setting wins
+    ],
+)
+def test_torch_threads_leave_a_cpu_to_the_event_loop(
+    setting: int, cpus: int, environ: dict[str, str], threads: int | None
+) -> None:
+    assert torch_threads(setting, cpus, environ) == threads
+
+
+@pytest.mark.parametrize(
     ("args", "setting"),
     [
         (["--port", "70000"], "serve_port"),
         (["--serve-max-inputs", "0"], "serve_max_inputs"),
         (["--max-batch-size", "0"], "max_batch_size"),
         (["--serve-batching", "eager"], "serve_batching"),
+        (["--serve-torch-threads", "-1"], "serve_torch_threads"),
         (["--serve-max-inputs", "10", "--serve-max-pending-texts", "5"], "serve_max_inputs"),
     ],
 )
