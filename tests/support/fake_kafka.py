@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.kafka.consumer import CommitOutcome, CommitResult, RebalanceListener
-from worker.kafka.errors import ClientError, ErrorKind, TxnError
+from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError
 from worker.kafka.producer import ClientErrorHook, DeliveryReport
 from worker.kafka.records import InputRecord, OutHeaders, PartitionKey
 
@@ -116,6 +116,12 @@ class FakeConsumer:
             self.generations[key] = self.generation(key) + 1
         return None
 
+    def abandon(self, wait_s: float) -> bool:
+        """Close without the listener hearing of it (a consumer being replaced)."""
+        self.listener = None
+        self.close()
+        return True
+
     def close(self) -> None:
         if self.revoke_on_close and self.assigned and self.listener is not None:
             self.listener.on_revoked(list(self.assigned))
@@ -192,6 +198,8 @@ class FakeProducer:
     pending: list[Sent] = field(default_factory=list)
     committed: list[Sent] = field(default_factory=list)
     purged: bool = False
+    # Set once a transactional call returned a hang (TxnAction.STUCK), as the real one is.
+    stuck: bool = False
 
     def produce(
         self,
@@ -233,7 +241,9 @@ class FakeProducer:
         self.txn_calls.append(name)
         errors = self.txn_errors.get(name)
         if errors:
-            return errors.popleft()
+            error = errors.popleft()
+            self.stuck = self.stuck or error.action is TxnAction.STUCK
+            return error
         return None
 
     def init_transactions(self, timeout_s: float) -> TxnError | None:
@@ -282,6 +292,8 @@ class FakeClients:
 
     auto_ack: bool = True
     consumer: FakeConsumer | None = None
+    # Every consumer built, in order (the worker replaces one that stopped rejoining).
+    consumers: list[FakeConsumer] = field(default_factory=list)
     producers: list[FakeProducer] = field(default_factory=list)
     # Shared by every producer built (the worker's one-record-per-request producer too).
     refuse: dict[str, ClientError] = field(default_factory=dict)
@@ -290,6 +302,7 @@ class FakeClients:
         self, config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
     ) -> FakeConsumer:
         self.consumer = FakeConsumer(on_commit, incremental)
+        self.consumers.append(self.consumer)
         return self.consumer
 
     def make_producer(self, config: Mapping[str, Any], on_error: ClientErrorHook) -> FakeProducer:

@@ -154,6 +154,10 @@ class TaggingSettings(_Base):
 
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
 DEFAULT_GROUP_ID = "tagstream"
+# After its partitions were lost, a consumer that has no new assignment this long is
+# replaced: a healthy rejoin takes seconds, while librdkafka can keep waiting for good on a
+# group coordinator that restarted. Generous, so a slow rebalance is never cut short.
+DEFAULT_REJOIN_TIMEOUT_S = 120.0
 DEFAULT_CLIENT_ID = "tagstream"
 DLQ_SUFFIX = ".dlq"
 # 64 events fill a GPU forward pass for short texts without making one slow batch hold
@@ -271,6 +275,12 @@ class KafkaSettings(_Base):
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         default="earliest", description="Where a group without committed offsets starts."
+    )
+    rejoin_timeout_s: float = Field(
+        default=DEFAULT_REJOIN_TIMEOUT_S,
+        gt=0.0,
+        description="After its partitions were lost, a consumer with no new assignment this "
+        "long is replaced by a new one (once per loss).",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None

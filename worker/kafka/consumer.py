@@ -18,6 +18,7 @@ outdated records within one call only).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
@@ -29,6 +30,10 @@ from worker.kafka.errors import ClientError, client_error, fatal_error, is_fatal
 from worker.kafka.records import InputRecord, PartitionKey
 
 log = structlog.get_logger(__name__)
+
+# Clients whose close did not finish (see KafkaConsumer.abandon), kept referenced for the
+# life of the process: destroying one while a thread is inside it could block or crash.
+_ABANDONED: Final[list[Consumer]] = []
 
 # Errors that only say "nothing new" or are reported elsewhere.
 _QUIET_CODES: Final = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
@@ -223,6 +228,23 @@ class KafkaConsumer:
             return {}
         found = self._consumer.position(_partitions(keys))
         return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in found}
+
+    def abandon(self, wait_s: float) -> bool:
+        """Close without the listener hearing of it, on a thread of its own, waiting at
+        most ``wait_s``: for a client being replaced, whose close may hang with it. False if
+        it did not finish in time; the client is then kept, never destroyed."""
+        self._listener = None
+        closed = threading.Event()
+
+        def close() -> None:
+            self.close()
+            closed.set()
+
+        threading.Thread(target=close, name="tagstream-consumer-close", daemon=True).start()
+        if closed.wait(wait_s):
+            return True
+        _ABANDONED.append(self._consumer)
+        return False
 
     def close(self) -> None:
         """Leave the group (a static member stays until its session times out)."""

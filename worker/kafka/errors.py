@@ -98,8 +98,15 @@ def classify(error: KafkaError) -> ErrorKind:
 
 # A newer producer with the same transactional.id (or the coordinator, after a transaction
 # timeout) bumped the epoch: this producer can never write again, only a new one can.
+# INVALID_TXN_STATE (fatal in librdkafka) is the same case seen from EndTxn: a coordinator
+# that restarted past the transaction timeout had already ended the transaction itself.
 FENCED_CODES: Final = frozenset(
-    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.INVALID_TXN_STATE,
+    }
 )
 
 
@@ -114,6 +121,7 @@ class TxnAction(enum.Enum):
     ABORT = "abort"  # the transaction cannot commit: abort it and redo its work
     FENCED = "fenced"  # the producer is fenced: replace it, redo the work
     FATAL = "fatal"  # nothing helps (authorization, a broker without transactions): stop
+    STUCK = "stuck"  # the call overran its own timeout (a client hang): replace the producer
 
 
 def transaction_action(error: KafkaError) -> TxnAction:
@@ -141,6 +149,20 @@ class TxnError:
     name: str
     message: str
     action: TxnAction
+
+
+# The code of a :data:`TxnAction.STUCK` error (librdkafka's own codes are above -200).
+STUCK_CODE: Final = -1000
+
+
+def stuck_error(call: str, waited_s: float) -> TxnError:
+    """A transactional call that had not returned ``waited_s`` after it began."""
+    return TxnError(
+        STUCK_CODE,
+        "_STUCK",
+        f"{call} did not return within {waited_s:.1f} s, past its own timeout",
+        TxnAction.STUCK,
+    )
 
 
 def transaction_error(error: KafkaError) -> TxnError:

@@ -122,6 +122,7 @@ TRANSACTION_ABORT_REASONS: tuple[str, ...] = (
     "commit_refused",
     "rebalance",
     "lost",
+    "stuck",
 )
 
 RebalanceKind = Literal["assigned", "revoked", "lost"]

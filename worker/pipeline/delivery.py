@@ -140,6 +140,9 @@ class ProducerClient(Protocol):
 
     def flush(self, timeout_s: float) -> int: ...
 
+    @property
+    def stuck(self) -> bool: ...
+
 
 # Builds a producer client from its librdkafka configuration and client-error hook.
 ProducerFactory = Callable[[Mapping[str, Any], ClientErrorHook], ProducerClient]
@@ -410,9 +413,16 @@ class ProducerStage:
             )
         return len(records)
 
+    @property
+    def stuck(self) -> bool:
+        """Whether a transactional call hung inside the producer client (it must be
+        replaced; see :mod:`worker.kafka.producer`)."""
+        return self._producer.stuck
+
     def replace_producer(self) -> None:
-        """The producer was fenced: drop it (its records are aborted) and build a new one
-        with the same configuration; the caller then calls :meth:`init_transactions`."""
+        """The producer was fenced (or is stuck): drop it (its records are aborted) and
+        build a new one with the same configuration; the caller then calls
+        :meth:`init_transactions`."""
         old, self._producer = (
             self._producer,
             self._connect(self._config(self._main_config), self._on_client_error),
@@ -479,8 +489,12 @@ class ProducerStage:
                 self._backlog.popleft()
 
     def _on_client_error(self, error: ClientError) -> None:
-        if self.transactional and error.fenced:
-            log.warning("producer fenced, replacing it", error=error.message)
+        if self.transactional and (error.fenced or error.fatal):
+            # Exactly-once: whatever killed the producer (fencing, or a fatal error such as
+            # the sequence desynchronization a broker restart can leave), its transaction is
+            # aborted and a new producer takes over; a cause that persists (authorization)
+            # stops the worker when the new producer's init_transactions fails.
+            log.warning("producer fenced or failed, replacing it", error=error.message)
             self.fenced = True
         elif error.fatal:
             self._fail(f"producer error: {error.message}", error)

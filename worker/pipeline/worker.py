@@ -146,12 +146,11 @@ class Worker:
         incremental = (
             kafka.group_protocol == "consumer" or kafka.assignment_strategy == "cooperative-sticky"
         )
-        consumer = consumer_factory(
-            {**(consumer_config or {}), **_consumer_config(kafka)},
-            incremental,
-            self._on_commit_result,
+        full_config = {**(consumer_config or {}), **_consumer_config(kafka)}
+        self._new_consumer: Callable[[], ConsumerClient] = lambda: consumer_factory(
+            full_config, incremental, self._on_commit_result
         )
-        self.intake = Intake(consumer, self.observer)
+        self.intake = Intake(self._new_consumer(), self.observer)
         self.committer = Committer(
             self.tracker,
             self.intake,
@@ -215,6 +214,7 @@ class Worker:
         else:
             records = self._poll_ahead()
         self.accept(records)
+        self.recover_group()
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
@@ -323,6 +323,20 @@ class Worker:
                     reason=str(batch.reason),
                     in_flight=in_flight,
                 )
+
+    def recover_group(self) -> None:
+        """Replace a consumer that lost its partitions and got no assignment within
+        ``rejoin_timeout_s``: librdkafka can keep waiting for good on a group coordinator
+        that restarted, while the loop itself stays alive (so no liveness probe helps)."""
+        timeout_s = self.settings.kafka.rejoin_timeout_s
+        if not self.intake.rejoin_overdue(timeout_s):
+            return
+        log.warning(
+            "no assignment since the partitions were lost, replacing the consumer",
+            waited_s=timeout_s,
+        )
+        if not self.intake.replace_consumer(self._new_consumer()):
+            log.warning("the replaced consumer did not close in time; it is abandoned")
 
     def control_flow(self) -> None:
         """Pause or resume the input for the stages that are behind (never wait for them)."""

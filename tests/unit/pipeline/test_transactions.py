@@ -21,15 +21,15 @@ from tests.support.scorers import FakeScorer
 from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
 from worker.contract.deadletter import WorkerIdentity
-from worker.errors import ConfigError
-from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError
+from worker.errors import ConfigError, TransactionStuckError
+from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError, stuck_error
 from worker.kafka.producer import DeliveryReport
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.observability.metrics import TRANSACTION_ABORT_REASONS
 from worker.pipeline.delivery import Outbound, ProducerStage
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
-from worker.pipeline.transactions import AbortReason, transactional_id
+from worker.pipeline.transactions import MAX_STUCK_PRODUCERS, AbortReason, transactional_id
 from worker.pipeline.worker import Worker
 
 TOPIC: Final = "news"
@@ -212,6 +212,58 @@ def test_a_fenced_producer_is_replaced(
     assert observer.aborted == [str(AbortReason.FENCED)]
     assert clients.producers[0].purged
     assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+
+
+def test_a_producer_that_failed_fatally_is_replaced(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    worker.step()
+    # The sequence desynchronization a broker restart can leave: fatal for this producer.
+    clients.producer.on_error(
+        ClientError(45, "OUT_OF_ORDER_SEQUENCE_NUMBER", "out of order", ErrorKind.FATAL)
+    )
+    _step_until(worker, lambda: len(clients.producers) == 2)
+    assert observer.aborted == [str(AbortReason.FENCED)]
+    assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+    worker.check_health()
+
+
+def test_a_producer_stuck_in_a_transactional_call_is_replaced(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    clients.producer.txn_errors["send_offsets"] = deque([stuck_error("send_offsets", 1.0)])
+    _step_until(worker, lambda: len(clients.producers) == 2)
+    assert observer.aborted == [str(AbortReason.STUCK)]
+    # Not asked to abort: a stuck client refuses a second transactional call.
+    assert "abort" not in clients.producers[0].txn_calls
+    assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+    assert clients.input.seeks == [{P0: 0}]
+    # The replay after the rewind commits on the new producer.
+    _feed(clients, 0, _events(1))
+    _step_until(worker, lambda: clients.producers[1].txn_offsets == [{P0: 1}])
+    assert len(clients.producers[1].committed) == 1
+
+
+def test_a_worker_whose_producers_keep_getting_stuck_stops(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    built = 0
+    with pytest.raises(TransactionStuckError, match="hung inside the client"):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            for producer in clients.producers[built:]:
+                producer.txn_errors["send_offsets"] = deque([stuck_error("send_offsets", 1.0)])
+            built = len(clients.producers)
+            worker.step()
+            time.sleep(0.002)
+    # The first producer and MAX_STUCK_PRODUCERS replacements; the last one hung as well.
+    assert len(clients.producers) == MAX_STUCK_PRODUCERS + 1
 
 
 def test_every_abort_reason_has_a_metric_series() -> None:
