@@ -1,4 +1,5 @@
-"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay`` and ``schemas``."""
+"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay``, ``profiles`` and
+``schemas``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("score", "score JSON-lines events from a file or stdin to stdout"),
     "produce": ("produce", "send input events to a topic"),
     "replay": ("replay", "send dead-lettered inputs back into the stream"),
+    "profiles": ("profiles", "set, delete and list the label profiles of the control topic"),
     "schemas": ("schemas", "write the JSON Schema files of the event contract"),
 }
 

@@ -318,3 +318,50 @@ class FakeClients:
     def input(self) -> FakeConsumer:
         assert self.consumer is not None
         return self.consumer
+
+
+@dataclass
+class FakeControlConsumer:
+    """The control topic's reader (:class:`worker.pipeline.profiles.ControlConsumer`): the
+    test appends records to :attr:`log`; once assigned, polls return them in order."""
+
+    topic: str = "profiles"
+    partition_count: int | None = 1
+    log: dict[int, list[InputRecord]] = field(default_factory=dict)
+    positions: dict[PartitionKey, int] = field(default_factory=dict)
+    closed: bool = False
+
+    def append(
+        self, key: str | bytes | None, value: bytes | None, partition: int = 0
+    ) -> InputRecord:
+        """Write one control record; returns it (its offset is the profile version)."""
+        entries = self.log.setdefault(partition, [])
+        raw_key = key.encode() if isinstance(key, str) else key
+        entry = InputRecord(self.topic, partition, len(entries), raw_key, value, (), None, 1)
+        entries.append(entry)
+        return entry
+
+    def partitions(self, topic: str, timeout_s: float) -> list[int] | None:
+        if topic != self.topic or self.partition_count is None:
+            return None
+        return list(range(self.partition_count))
+
+    def watermarks(self, key: PartitionKey, timeout_s: float) -> tuple[int, int]:
+        return 0, len(self.log.get(key[1], []))
+
+    def assign_from_beginning(self, keys: Sequence[PartitionKey]) -> None:
+        self.positions = dict.fromkeys(keys, 0)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        polled: list[InputRecord] = []
+        for key, position in self.positions.items():
+            entries = self.log.get(key[1], [])[position : position + max_records - len(polled)]
+            polled += entries
+            self.positions[key] = position + len(entries)
+        return polled
+
+    def position(self, keys: Sequence[PartitionKey]) -> dict[PartitionKey, int | None]:
+        return {key: self.positions.get(key) for key in keys}
+
+    def close(self) -> None:
+        self.closed = True

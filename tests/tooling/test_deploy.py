@@ -52,6 +52,7 @@ PUBLIC_ENV = {
     "TAGSTREAM_MULTI_LABEL",
     "TAGSTREAM_THRESHOLD",
     "TAGSTREAM_HYPOTHESIS_TEMPLATE",
+    "TAGSTREAM_CONTROL_TOPIC",
     "TAGSTREAM_MAX_BATCH_SIZE",
     "TAGSTREAM_MAX_WAIT_MS",
     "TAGSTREAM_MAX_BATCH_TOKENS",
@@ -620,6 +621,15 @@ def test_the_worker_accepts_the_chart_settings(
     assert run.kafka.group_id == env["TAGSTREAM_GROUP_ID"]
     assert run.shutdown.shutdown_timeout_s == float(env["TAGSTREAM_SHUTDOWN_TIMEOUT_S"])
     assert observability.metrics_port == int(env["TAGSTREAM_METRICS_PORT"])
+
+
+def test_the_control_topic_is_set_only_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "TAGSTREAM_CONTROL_TOPIC" not in config(render())
+    env = config(render("--set", "tagging.controlTopic=tagstream.profiles"))
+    assert env["TAGSTREAM_CONTROL_TOPIC"] == "tagstream.profiles"
+    run, _ = worker_settings(env, monkeypatch)
+    assert run.profiles.control_topic == "tagstream.profiles"
+    assert "controlTopic" in render_error("--set", "tagging.controlTopic=not a topic")
 
 
 def test_the_gpu_is_requested_and_limited() -> None:

@@ -8,8 +8,10 @@ file (see :mod:`worker.config.loading`). Every setting has a flag named after it
 Start-up, in order: logging (so that every later line, errors included, is structured),
 the settings, the start-up line with the effective settings (secrets masked), the
 ``/metrics`` ``/healthz`` ``/readyz`` server (so probes get answers while the model loads),
-the topic check, the model, one warm-up batch (then ``/readyz`` only waits for the group),
-and the worker loop.
+the topic check (output, dead-letter and control topics), the model, one warm-up batch,
+the worker loop, which first reads the label profiles of the control topic to its end
+(``TAGSTREAM_CONTROL_TOPIC``, when set) and then joins the group; ``/readyz`` waits for all
+of them.
 
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a second signal cut the
 stop short, 2 for an invalid or missing setting (the message names it), a missing topic
@@ -200,6 +202,8 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
     topics = [kafka.output_topic, kafka.dead_letter_topic]
+    if settings.profiles.control_topic is not None:
+        topics.append(settings.profiles.control_topic)
     missing = missing_topics(
         kafka,
         topics,
@@ -208,7 +212,9 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
     )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
-    _report_topics(kafka, topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config()))
+    configs = topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config())
+    _report_topics(kafka, configs)
+    _report_control_topic(settings.profiles.control_topic, configs)
     try:
         scorer = _load_scorer(settings, obs)
     except _StartUpError as exc:
@@ -261,6 +267,21 @@ def _report_topics(kafka: KafkaSettings, configs: dict[str, dict[str, str]]) -> 
             "output topic is compacted: the broker rejects a scored event without a key, "
             "and its input is dead-lettered (stage produce)",
             topic=kafka.output_topic,
+            cleanup_policy=policy,
+        )
+
+
+def _report_control_topic(topic: str | None, configs: dict[str, dict[str, str]]) -> None:
+    """A control topic that is not compacted loses deleted and old profiles only to
+    retention, and the oldest ones first: warn, the worker still reads what is there."""
+    if topic is None:
+        return
+    policy = configs.get(topic, {}).get(CLEANUP_POLICY)
+    if policy is not None and "compact" not in policy:
+        log.warning(
+            "control topic is not compacted: retention may delete profiles still in force, "
+            "and a worker that starts after that does not know them",
+            topic=topic,
             cleanup_policy=policy,
         )
 

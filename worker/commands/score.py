@@ -33,7 +33,13 @@ from worker.config.settings import ModelSettings, TaggingSettings
 from worker.contract.codec import decode_input, encode_output, to_request
 from worker.contract.events import EventFields
 from worker.contract.scorer import ScoreError, Scorer, ScoreRequest
-from worker.errors import ConfigError, EventError, ScorerConfigError, ScoresError
+from worker.errors import (
+    ConfigError,
+    EventError,
+    ScorerConfigError,
+    ScoresError,
+    UnknownProfileError,
+)
 from worker.exit_codes import EXIT_OK, EXIT_USAGE
 from worker.observability.logs import configure_logging
 from worker.scoring.factory import build_scorer
@@ -157,6 +163,8 @@ class _Run:
     def prepare(self, line: int, raw: bytes) -> _Pending | None:
         try:
             event = decode_input(raw, self.tagging)
+            if event.profile is not None:  # no control topic here: as a worker without one
+                raise UnknownProfileError(event.profile, None)
             return _Pending(line, event, to_request(event, self.tagging))
         except EventError as exc:
             self.report(line, exc.stage, str(exc))

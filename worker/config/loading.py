@@ -36,6 +36,7 @@ from worker.config.settings import (
     DeliverySettings,
     KafkaSettings,
     ModelSettings,
+    ProfileSettings,
     ShutdownSettings,
     TaggingSettings,
 )
@@ -56,6 +57,7 @@ class RunSettings:
     circuit: CircuitSettings
     shutdown: ShutdownSettings
     observability: ObservabilitySettings
+    profiles: ProfileSettings
 
 
 # The classes that make up RunSettings, by RunSettings field name. Every setting name is
@@ -70,6 +72,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "circuit": CircuitSettings,
     "shutdown": ShutdownSettings,
     "observability": ObservabilitySettings,
+    "profiles": ProfileSettings,
 }
 
 
@@ -176,4 +179,5 @@ def load_run_settings(
         circuit=build_section(CircuitSettings, file_values, given),
         shutdown=build_section(ShutdownSettings, file_values, given),
         observability=build_section(ObservabilitySettings, file_values, given),
+        profiles=build_section(ProfileSettings, file_values, given),
     )

@@ -21,16 +21,17 @@ from worker.contract.events import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_METADATA_DEPTH,
     DEFAULT_MAX_TEXT_CHARS,
+    DEFAULT_THRESHOLD,
     check_labels,
     check_template,
 )
+from worker.contract.profiles import DEFAULT_MAX_PROFILE_RECORD_BYTES, DEFAULT_MAX_PROFILES
 
 ENV_PREFIX = "TAGSTREAM_"
 DEFAULT_MODEL = "facebook/bart-large-mnli"
 # Padded tokens per forward pass: ~16k keeps a bart-large activation footprint well under
 # 1 GiB in half precision while leaving enough rows per pass to saturate a modern GPU.
 DEFAULT_MAX_BATCH_TOKENS = 16_384
-DEFAULT_THRESHOLD = 0.5
 # One event costs the model at most four full forward passes at the default token budget:
 # enough for 100 labels on a 600-token text, and a cap on label x text amplification when
 # the other limits are raised.
@@ -432,6 +433,37 @@ class CircuitSettings(_Base):
         default=DEFAULT_CIRCUIT_MAX_OPEN_S,
         gt=0.0,
         description="A circuit open this long stops the worker (fatal exit).",
+    )
+
+
+# Reading a control topic of at most max_profiles small records takes well under a second;
+# a minute means the brokers do not answer, and a worker must not start without its labels.
+DEFAULT_CONTROL_LOAD_TIMEOUT_S = 60.0
+
+
+class ProfileSettings(_Base):
+    """Label profiles from a compacted control topic: where, and how much of it a worker
+    keeps."""
+
+    control_topic: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Compacted topic of label profiles (key: name, value: JSON); none: off.",
+    )
+    max_profiles: int = Field(
+        default=DEFAULT_MAX_PROFILES,
+        ge=1,
+        description="Most profiles a worker holds; a record for one more is rejected.",
+    )
+    max_profile_record_bytes: int = Field(
+        default=DEFAULT_MAX_PROFILE_RECORD_BYTES,
+        ge=64,
+        description="Largest control record value; a larger one is rejected.",
+    )
+    control_load_timeout_s: float = Field(
+        default=DEFAULT_CONTROL_LOAD_TIMEOUT_S,
+        gt=0.0,
+        description="Start-up: the control topic must be read to its end within this.",
     )
 
 

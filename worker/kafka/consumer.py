@@ -23,7 +23,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from worker.errors import KafkaFatalError
 from worker.kafka.errors import ClientError, client_error, fatal_error, is_fatal
@@ -99,6 +106,15 @@ class KafkaConsumer:
         self._listener = listener
         self._consumer.subscribe(
             list(topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def assign_from_beginning(self, keys: Sequence[PartitionKey]) -> None:
+        """Read these partitions from their first offset, outside any group (no join, no
+        commits: a reader that must see every record, such as the control topic's)."""
+        for key in keys:
+            self._generations[key] = self._generations.get(key, 0) + 1
+        self._consumer.assign(
+            [TopicPartition(topic, partition, OFFSET_BEGINNING) for topic, partition in keys]
         )
 
     def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:

@@ -304,4 +304,5 @@ class InferenceStage:
             self._tagging,
             self._scorer.info,
             scored_at,
+            item.profile,
         )

@@ -33,10 +33,12 @@ import structlog
 from worker.config.loading import RunSettings
 from worker.contract.codec import decode_input, to_request
 from worker.contract.deadletter import Failure, Stage, WorkerIdentity
+from worker.contract.profiles import ProfileLimits
 from worker.contract.scorer import Scorer
 from worker.errors import EventError, EventTooCostlyError, KafkaFatalError, TagstreamError
 from worker.exit_codes import EXIT_FATAL, EXIT_OK
 from worker.kafka.config import consumer_config as _consumer_config
+from worker.kafka.config import control_consumer_config
 from worker.kafka.consumer import CommitOutcome, CommitResult, KafkaConsumer
 from worker.kafka.errors import ClientError
 from worker.kafka.records import InputRecord, PartitionKey, describe_partitions
@@ -48,6 +50,7 @@ from worker.pipeline.inference import InferenceStage
 from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
+from worker.pipeline.profiles import ControlConsumer, ProfileFeed, ProfileTable
 from worker.pipeline.transactions import AbortReason, Transactions, transactional_id
 
 log = structlog.get_logger(__name__)
@@ -76,6 +79,19 @@ READ_AHEAD_BATCHES: Final = 1
 ConsumerFactory = Callable[[Mapping[str, Any], bool, CommitResult], ConsumerClient]
 
 
+# Builds the control topic's reader from its librdkafka configuration.
+ControlConsumerFactory = Callable[[Mapping[str, Any]], ControlConsumer]
+
+
+def _ignore_commit_result(_error: ClientError | None, _outcome: CommitOutcome) -> None:
+    """The control topic's reader never commits."""
+
+
+def connect_control_consumer(config: Mapping[str, Any]) -> ControlConsumer:
+    """The default :data:`ControlConsumerFactory`: a real librdkafka consumer."""
+    return KafkaConsumer(config, incremental=False, on_commit=_ignore_commit_result)
+
+
 def connect_consumer(
     config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
 ) -> ConsumerClient:
@@ -88,8 +104,8 @@ class Worker:
 
     ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
     and for the input consumer (observability: the log bridge, the statistics for the lag).
-    ``consumer_factory`` and ``producer_factory`` build the Kafka clients (real ones unless
-    a test passes fakes).
+    ``consumer_factory``, ``producer_factory`` and ``control_consumer_factory`` build the
+    Kafka clients (real ones unless a test passes fakes).
     """
 
     def __init__(
@@ -103,6 +119,7 @@ class Worker:
         consumer_config: Mapping[str, Any] | None = None,
         consumer_factory: ConsumerFactory = connect_consumer,
         producer_factory: ProducerFactory = connect,
+        control_consumer_factory: ControlConsumerFactory = connect_control_consumer,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
@@ -177,10 +194,28 @@ class Worker:
             if exactly_once
             else None
         )
+        self.profiles = ProfileTable(
+            settings.profiles.max_profiles, settings.profiles.control_topic
+        )
+        self.profile_feed = self._profile_feed(client_config or {}, control_consumer_factory)
         self._stop_requested = False
         # Set once the final commit is done: closing the consumer then revokes every
         # partition once more, and that revoke must not wait for in-flight work again.
         self._settled = False
+
+    def _profile_feed(
+        self, client_config: Mapping[str, Any], factory: ControlConsumerFactory
+    ) -> ProfileFeed | None:
+        profiles, tagging = self.settings.profiles, self.settings.tagging
+        if profiles.control_topic is None:
+            return None
+        consumer = factory({**client_config, **control_consumer_config(self.settings.kafka)})
+        limits = ProfileLimits(
+            max_labels=tagging.max_labels,
+            max_label_chars=tagging.max_label_chars,
+            max_record_bytes=profiles.max_profile_record_bytes,
+        )
+        return ProfileFeed(consumer, profiles.control_topic, self.profiles, limits, self.observer)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -195,6 +230,9 @@ class Worker:
             if self.transactions is not None:
                 self.transactions.start()
                 log.info("exactly-once: transactions on", transactional_id=self.transactional_id)
+            if self.profile_feed is not None:
+                # Before joining: no event is judged against a half-read profile table.
+                self.profile_feed.start(self.settings.profiles.control_load_timeout_s)
             self.intake.subscribe(self.settings.kafka.subscription, self)
             log.info("worker started", subscription=self.settings.kafka.subscription)
             while not self._stop_requested:
@@ -209,6 +247,8 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
+        if self.profile_feed is not None:
+            self.profile_feed.poll()
         if self.transactions is None:
             records = self.intake.poll(POLL_MAX_RECORDS, self._poll_timeout())
         else:
@@ -254,6 +294,7 @@ class Worker:
             )
         self._settled = True
         self.intake.close()
+        self._close_feed()
         self.producer.close()
         log.info("worker stopped")
         return EXIT_OK
@@ -268,6 +309,7 @@ class Worker:
             log.warning("shutdown: the last transaction was aborted, its work is redone")
         self._settled = True
         self.intake.close()
+        self._close_feed()
         self.producer.close()
         log.info("worker stopped")
         return EXIT_OK
@@ -283,11 +325,13 @@ class Worker:
             self.producer.abort_transaction(FATAL_DRAIN_S)
             self._settled = True
             self.intake.close()
+            self._close_feed()
             return EXIT_FATAL
         deadline = time.monotonic() + FATAL_DRAIN_S
         self.committer.settle(self.tracker.keys, deadline, self._all_delivered, serve_group=False)
         self._settled = True
         self.intake.close()
+        self._close_feed()
         return EXIT_FATAL
 
     # -- the loop's steps ---------------------------------------------------------------
@@ -469,11 +513,18 @@ class Worker:
             return None
         return Tracked(record, state)
 
+    def _close_feed(self) -> None:
+        if self.profile_feed is not None:
+            self.profile_feed.close()
+
     def _admit(self, tracked: Tracked) -> None:
+        """Decode, resolve the label profile (here, once per event: see
+        :mod:`worker.pipeline.profiles`), estimate, batch under the profile revision."""
         tagging = self.settings.tagging
         try:
             event = decode_input(tracked.record.value, tagging)
-            request = to_request(event, tagging)
+            profile = self.profiles.resolve(event)
+            request = to_request(event, tagging, profile)
         except EventError as exc:
             failure = Failure(Stage(exc.stage), type(exc).__name__, str(exc))
             self.producer.dead_letter(tracked, failure)
@@ -489,7 +540,9 @@ class Worker:
             failure = Failure(Stage.VALIDATE, type(too_costly).__name__, str(too_costly))
             self.producer.dead_letter(tracked, failure)
             return
-        self.batcher.add(PendingEvent(tracked, event, request, tokens))
+        self.batcher.add(
+            PendingEvent(tracked, event, request, tokens, profile), self.profiles.revision
+        )
 
     def _abandon_unstarted(self, keys: list[PartitionKey], reason: DiscardReason) -> int:
         """Take the partitions' events out of the batches not handed over yet; they will

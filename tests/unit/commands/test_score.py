@@ -215,3 +215,11 @@ def test_score_lines_batches_and_keeps_input_order() -> None:
     assert [event.source.offset for event in events] == [1, 2, 4, 6, 7]
     assert [event.id for event in events] == ["-:0:1", "-:0:2", "-:0:4", "-:0:6", "-:0:7"]
     assert all(event.tags == ["a", "b"] for event in events)
+
+
+def test_a_line_naming_a_profile_is_reported_not_scored_with_the_defaults() -> None:
+    stdin = "\n".join([SPORTS, '{"text": "The match ended 2-1.", "profile": "news"}', ""])
+    args = ["--scorer", "embedding", "--labels", "sports,weather", "--device", "cpu"]
+    result = run_cli(args, stdin=stdin.encode())
+    assert len(scored_lines(result.stdout)) == 1
+    assert "line 2: validate: profile: unknown profile 'news'" in result.stderr.decode()
