@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from worker.config.observability import ObservabilitySettings
+from worker.config.observability import ObservabilitySettings, TracingSettings
 from worker.config.settings import (
     ENV_PREFIX,
     BatchSettings,
@@ -56,6 +56,7 @@ class RunSettings:
     circuit: CircuitSettings
     shutdown: ShutdownSettings
     observability: ObservabilitySettings
+    tracing: TracingSettings
 
 
 # The classes that make up RunSettings, by RunSettings field name. Every setting name is
@@ -70,6 +71,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "circuit": CircuitSettings,
     "shutdown": ShutdownSettings,
     "observability": ObservabilitySettings,
+    "tracing": TracingSettings,
 }
 
 
@@ -176,4 +178,5 @@ def load_run_settings(
         circuit=build_section(CircuitSettings, file_values, given),
         shutdown=build_section(ShutdownSettings, file_values, given),
         observability=build_section(ObservabilitySettings, file_values, given),
+        tracing=build_section(TracingSettings, file_values, given),
     )

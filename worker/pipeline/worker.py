@@ -48,6 +48,7 @@ from worker.pipeline.inference import InferenceStage
 from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
+from worker.pipeline.tracing import Tracer, discard_trace
 from worker.pipeline.transactions import AbortReason, Transactions, transactional_id
 
 log = structlog.get_logger(__name__)
@@ -89,7 +90,7 @@ class Worker:
     ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
     and for the input consumer (observability: the log bridge, the statistics for the lag).
     ``consumer_factory`` and ``producer_factory`` build the Kafka clients (real ones unless
-    a test passes fakes).
+    a test passes fakes). ``tracer``: traces every accepted record (none by default).
     """
 
     def __init__(
@@ -103,10 +104,12 @@ class Worker:
         consumer_config: Mapping[str, Any] | None = None,
         consumer_factory: ConsumerFactory = connect_consumer,
         producer_factory: ProducerFactory = connect,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
         self.observer = observer or Observer()
+        self.tracer = tracer or Tracer()
         self.tracker = OffsetTracker()
         # How each partition was last taken away, for the work of it still in flight.
         self._gone: dict[PartitionKey, DiscardReason] = {}
@@ -141,6 +144,7 @@ class Worker:
             observer=self.observer,
             on_abandoned=self._abandoned,
             circuit=settings.circuit,
+            tracer=self.tracer,
         )
         kafka = settings.kafka
         incremental = (
@@ -382,7 +386,7 @@ class Worker:
             self.tracker.remove(keys)
             return
         for item in self.batcher.drop(set(keys)):
-            self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
+            self._discard(item.origin, DiscardReason.LOST)
         self.tracker.remove(keys)
 
     def _revoke_transactional(self, transactions: Transactions, keys: list[PartitionKey]) -> None:
@@ -407,7 +411,7 @@ class Worker:
     def drop_unstarted(self, reason: DiscardReason) -> int:
         dropped = self.batcher.drop_all()
         for item in dropped:
-            self.observer.record_discarded(item.origin.record.partition_key, reason)
+            self._discard(item.origin, reason)
         return len(dropped)
 
     def rewound(self, keys: Collection[PartitionKey]) -> None:
@@ -453,7 +457,8 @@ class Worker:
         if not state.receive(record.offset):
             self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
             return None
-        return Tracked(record, state)
+        tracer = self.tracer
+        return Tracked(record, state, tracer.start_event(record) if tracer.enabled else None)
 
     def _admit(self, tracked: Tracked) -> None:
         tagging = self.settings.tagging
@@ -485,7 +490,7 @@ class Worker:
         dropped = self.batcher.drop(set(keys))
         for item in dropped:
             record = item.origin.record
-            self.observer.record_discarded(record.partition_key, reason)
+            self._discard(item.origin, reason)
             current = first_dropped.get(record.partition_key)
             if current is None or record.offset < current:
                 first_dropped[record.partition_key] = record.offset
@@ -498,8 +503,12 @@ class Worker:
     def _abandoned(self, origin: Tracked) -> None:
         """A stage gave up on a record of a partition no longer assigned here (main or
         inference thread)."""
-        key = origin.record.partition_key
-        self.observer.record_discarded(key, self._gone.get(key, DiscardReason.REVOKED))
+        self._discard(origin, self._gone.get(origin.record.partition_key, DiscardReason.REVOKED))
+
+    def _discard(self, origin: Tracked, reason: DiscardReason) -> None:
+        """A tracked record is dropped without an output or a dead-letter record."""
+        self.observer.record_discarded(origin.record.partition_key, reason)
+        discard_trace(origin.trace, reason)
 
     def _batch_closed(self, batch: Batch) -> None:
         age = time.monotonic() - batch.opened_at
