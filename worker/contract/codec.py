@@ -397,4 +397,6 @@ def encode_output(  # noqa: PLR0917
             for label in labels
             if (probs := nli.get(label)) is not None
         }
+    if scores.chunks is not None:
+        document["chunks_read"] = int(scores.chunks)
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

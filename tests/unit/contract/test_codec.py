@@ -191,8 +191,10 @@ def test_encoding_writes_the_same_bytes_as_the_pydantic_dump() -> None:
         _build(InputEvent(text="t", id="x", metadata={"k": [1, {"n": None}]}), with_nli),
         _build(InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI),
     ]
+    chunked = SCORES._replace(chunks=3)
+    events.append(_build(InputEvent(text="t"), with_nli, chunked))
     for scored in events:
-        exclude = {"nli"} if scored.nli is None else None
+        exclude = {name for name in ("nli", "chunks_read") if getattr(scored, name) is None}
         expected = orjson.dumps(scored.model_dump(exclude=exclude), option=options)
         assert encode_scored_event(scored) == expected
 
@@ -220,6 +222,7 @@ def test_encode_output_writes_the_bytes_of_the_built_scored_event() -> None:
         (InputEvent(text="t", id="x", metadata={"k": [1, None]}), with_nli, SCORES, SCORED_AT),
         (InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI, SCORED_AT),
         (InputEvent(text="t"), thresholds, SCORES_WITH_NLI, datetime(2024, 5, 6, 7, 0, 0)),
+        (InputEvent(text="t"), with_nli, SCORES_WITH_NLI._replace(chunks=2), SCORED_AT),
     ]
     for event, tagging, scores, moment in cases:
         request = to_request(event, tagging)
@@ -233,8 +236,19 @@ def test_encode_output_writes_every_field_of_the_contract_in_its_order() -> None
     tagging = TaggingSettings(labels=["a"], include_nli_probs=True)
     event = InputEvent(text="t")
     request = to_request(event, tagging)
-    raw = encode_output(event, request, SCORES_WITH_NLI, _Record(), tagging, MODEL, SCORED_AT)
+    scores = SCORES_WITH_NLI._replace(chunks=4)
+    raw = encode_output(event, request, scores, _Record(), tagging, MODEL, SCORED_AT)
     assert list(orjson.loads(raw)) == list(ScoredEvent.model_fields)
+    assert orjson.loads(raw)["chunks_read"] == 4
+
+
+def test_chunks_read_is_left_out_in_truncate_mode() -> None:
+    tagging = TaggingSettings(labels=["a"])
+    event = InputEvent(text="t")
+    raw = encode_output(
+        event, to_request(event, tagging), SCORES, _Record(), tagging, MODEL, SCORED_AT
+    )
+    assert "chunks_read" not in orjson.loads(raw)
 
 
 @pytest.mark.parametrize(
