@@ -39,9 +39,9 @@ integration: setup
 
 ## lint: ruff and mypy --strict on the package, its tests, the benchmarks and dev tools
 lint: setup
-	$(VENV)/bin/ruff check worker tests bench dev
-	$(VENV)/bin/ruff format --check worker tests bench dev
-	$(VENV)/bin/mypy --strict worker tests bench dev
+	$(VENV)/bin/ruff check worker tests bench dev ci
+	$(VENV)/bin/ruff format --check worker tests bench dev ci
+	$(VENV)/bin/mypy --strict worker tests bench dev ci
 
 fmt: setup
 	$(VENV)/bin/ruff check --fix worker tests bench dev
