@@ -44,8 +44,8 @@ lint: setup
 	$(VENV)/bin/mypy --strict worker tests bench dev ci
 
 fmt: setup
-	$(VENV)/bin/ruff check --fix worker tests bench dev
-	$(VENV)/bin/ruff format worker tests bench dev
+	$(VENV)/bin/ruff check --fix worker tests bench dev ci
+	$(VENV)/bin/ruff format worker tests bench dev ci
 
 ## kafka-up / kafka-down: the local broker (127.0.0.1:19092 unless TAGSTREAM_KAFKA_PORT says)
 kafka-up:
