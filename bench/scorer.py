@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import tokenizers
 import torch
-import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -55,6 +50,7 @@ from transformers import (
     pipeline,
 )
 
+from bench.common import cpu_flags, machine_info
 from tests.support.models import (
     LABEL_WORDS,
     bart_large_shaped,
@@ -402,25 +398,21 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        lscpu = ""
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in lscpu.splitlines())
-    )
+    """The shared machine facts plus what decides a model's speed on this host."""
+    flags = cpu_flags()
     return {
-        "cpu_model": fields.get("Model name", platform.processor()),
-        "cpus": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in fields.get("Flags", ""),
+        **machine_info(),
+        "avx512_bf16": "avx512_bf16" in flags,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
     }
+
+
+def write_out(path: Path, report: dict[str, Any]) -> None:
+    """``report`` as indented JSON at ``path`` (its folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
 
 
 def print_table(rows: list[dict[str, Any]], workloads: list[dict[str, Any]]) -> None:
@@ -555,9 +547,7 @@ def precision_main(args: argparse.Namespace) -> int:
             },
             "precision": rows,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.out}")
+        write_out(args.out, report)
     return 0
 
 
@@ -601,9 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workloads": workloads,
             "measurements": [asdict(r) for r in results],
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.out}")
+        write_out(args.out, report)
     picture = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
     if picture is not None:
         plot(results, picture)
