@@ -185,6 +185,8 @@ class FakeProducer:
     in_flight: list[Sent] = field(default_factory=list)
     written: list[Sent] = field(default_factory=list)
     closed: bool = False
+    # The waits of each abandon() (a producer being replaced closes on its own thread).
+    abandon_waits: list[float] = field(default_factory=list)
     # librdkafka's local queue size: produce() raises BufferError while it is full.
     capacity: int | None = None
     # produce() runs on the inference thread too: librdkafka is thread-safe, so is this.
@@ -224,6 +226,11 @@ class FakeProducer:
 
     def close(self) -> None:
         self.closed = True
+
+    def abandon(self, wait_s: float) -> bool:
+        self.abandon_waits.append(wait_s)
+        self.close()
+        return True
 
     def ack_all(self) -> None:
         with self.lock:

@@ -18,7 +18,6 @@ outdated records within one call only).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
@@ -33,14 +32,11 @@ from confluent_kafka import (
 )
 
 from worker.errors import KafkaFatalError
+from worker.kafka.closing import close_within
 from worker.kafka.errors import ClientError, client_error, fatal_error, is_fatal
 from worker.kafka.records import InputRecord, PartitionKey
 
 log = structlog.get_logger(__name__)
-
-# Clients whose close did not finish (see KafkaConsumer.abandon), kept referenced for the
-# life of the process: destroying one while a thread is inside it could block or crash.
-_ABANDONED: Final[list[Consumer]] = []
 
 # Errors that only say "nothing new" or are reported elsewhere.
 _QUIET_CODES: Final = frozenset({KafkaError._PARTITION_EOF, KafkaError._NO_OFFSET})
@@ -250,17 +246,7 @@ class KafkaConsumer:
         most ``wait_s``: for a client being replaced, whose close may hang with it. False if
         it did not finish in time; the client is then kept, never destroyed."""
         self._listener = None
-        closed = threading.Event()
-
-        def close() -> None:
-            self.close()
-            closed.set()
-
-        threading.Thread(target=close, name="tagstream-consumer-close", daemon=True).start()
-        if closed.wait(wait_s):
-            return True
-        _ABANDONED.append(self._consumer)
-        return False
+        return close_within(self._consumer, self.close, wait_s, "tagstream-consumer-close")
 
     def close(self) -> None:
         """Leave the group (a static member stays until its session times out)."""

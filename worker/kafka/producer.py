@@ -21,6 +21,7 @@ from typing import Any, Final, cast
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from worker.kafka.closing import close_within, keep_forever
 from worker.kafka.errors import (
     ClientError,
     TxnError,
@@ -41,11 +42,6 @@ ClientErrorHook = Callable[[ClientError], None]
 # How long past its own timeout a transactional call may take before it counts as hung:
 # librdkafka returns on time when it works, so seconds late means it never will.
 TXN_CALL_GRACE_S: Final = 5.0
-
-# Clients abandoned inside a hung call, kept referenced for the life of the process:
-# destroying one (explicitly or by garbage collection) while a thread is inside it could
-# block or crash. The pipeline bounds how many it abandons.
-_ABANDONED: Final[list[Producer]] = []
 
 
 class KafkaProducer:
@@ -157,12 +153,22 @@ class KafkaProducer:
         A client in a fatal state raises from its final flush: that is logged, not raised,
         since the caller is done with it either way."""
         if self._stuck is not None:
-            _ABANDONED.append(self._producer)
+            keep_forever(self._producer)
             return
         try:
             self._producer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("producer close failed", error=str(exc))
+
+    def abandon(self, wait_s: float) -> bool:
+        """Close on a thread of its own, waiting at most ``wait_s``: for a client being
+        replaced, whose close may hang (it aborts the open transaction first, with a
+        coordinator that may be gone). False if it did not finish in time; the client is
+        then kept, never destroyed."""
+        if self._stuck is not None:
+            keep_forever(self._producer)
+            return False
+        return close_within(self._producer, self.close, wait_s, "tagstream-producer-close")
 
     def _bounded(self, name: str, call: Callable[[], object], timeout_s: float) -> TxnError | None:
         """Run ``call`` on its own thread and wait for it at most ``timeout_s`` plus

@@ -98,6 +98,10 @@ REFUSED_MEMORY: Final = 10_000
 # own answer (a produce request takes milliseconds; a broker that does not answer in this
 # time makes the transaction fail anyway).
 ISOLATE_FLUSH_S: Final = 5.0
+# How long the main thread waits for a replaced producer to close: once its records are
+# purged a close that works returns in milliseconds; one still running waits on a
+# transaction coordinator that is gone, and is left to itself.
+PRODUCER_CLOSE_WAIT_S: Final = 5.0
 
 RecordKind = Literal["output", "dead_letter"]
 # Called (main or inference thread) for a record this worker gives up on because its
@@ -122,6 +126,8 @@ class ProducerClient(Protocol):
     def __len__(self) -> int: ...
 
     def close(self) -> None: ...
+
+    def abandon(self, wait_s: float) -> bool: ...
 
     # Exactly-once mode only (a producer configured with a transactional.id).
 
@@ -434,7 +440,8 @@ class ProducerStage:
         )
         self.fenced = False
         old.purge()
-        old.close()
+        if not old.abandon(PRODUCER_CLOSE_WAIT_S):
+            log.warning("replaced producer left to close on its own", wait_s=PRODUCER_CLOSE_WAIT_S)
 
     def outstanding(self) -> int:
         """Records not acknowledged yet (queued in librdkafka or waiting for a retry)."""

@@ -16,6 +16,7 @@ from typing import Any, Final
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+import worker.kafka.closing as closing_module
 import worker.kafka.producer as producer_module
 from worker.kafka.errors import ClientError, TxnAction
 from worker.kafka.producer import KafkaProducer
@@ -90,7 +91,53 @@ def test_a_stuck_producer_takes_no_further_calls_and_is_never_destroyed(
     assert client.calls == ["send_offsets"]
     producer.close()
     assert not client.closed
-    assert client in producer_module._ABANDONED  # type: ignore[comparison-overlap]
+    assert client in closing_module._ABANDONED
+
+
+class HangingCloseClient:
+    """A client whose close does not return until released (an abort that waits for a
+    coordinator that is gone)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        self.release.wait(WAIT_S)
+        self.closed = True
+
+
+def test_abandoning_a_producer_whose_close_hangs_returns_in_time_and_keeps_it() -> None:
+    hanging = HangingCloseClient()
+    producer = KafkaProducer({"bootstrap.servers": "127.0.0.1:9"}, on_error=lambda _e: None)
+    producer._producer.close()
+    producer._producer = hanging  # type: ignore[assignment]
+    started = time.monotonic()
+    try:
+        assert producer.abandon(GRACE_S) is False
+        assert time.monotonic() - started < WAIT_S
+        assert hanging in closing_module._ABANDONED
+    finally:
+        hanging.release.set()
+
+
+def test_abandoning_a_producer_whose_close_returns_closes_it() -> None:
+    closing = HangingCloseClient()
+    closing.release.set()
+    producer = KafkaProducer({"bootstrap.servers": "127.0.0.1:9"}, on_error=lambda _e: None)
+    producer._producer.close()
+    producer._producer = closing  # type: ignore[assignment]
+    assert producer.abandon(WAIT_S) is True
+    assert closing.closed
+    assert closing not in closing_module._ABANDONED
+
+
+def test_abandoning_a_stuck_producer_never_closes_it(client: HangingClient) -> None:
+    producer = _producer(client)
+    producer.send_offsets_to_transaction({("news", 0): 1}, object(), 0.01)
+    assert producer.abandon(WAIT_S) is False
+    assert not client.closed
+    assert client in closing_module._ABANDONED
 
 
 class FatalClient:
@@ -121,6 +168,7 @@ def test_a_fatal_error_raised_by_poll_reaches_the_error_hook() -> None:
     heard: list[ClientError] = []
     producer = KafkaProducer({"bootstrap.servers": "127.0.0.1:9"}, on_error=heard.append)
     producer._producer.close()
+    heard.clear()  # the real client's own "connection refused" reports, if it got that far
     producer._producer = RaisingPollClient()  # type: ignore[assignment]
     producer.poll(0)
     assert [error.name for error in heard] == ["OUT_OF_ORDER_SEQUENCE_NUMBER"]

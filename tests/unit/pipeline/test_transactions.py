@@ -26,7 +26,7 @@ from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError, stu
 from worker.kafka.producer import DeliveryReport
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.observability.metrics import TRANSACTION_ABORT_REASONS
-from worker.pipeline.delivery import Outbound, ProducerStage
+from worker.pipeline.delivery import PRODUCER_CLOSE_WAIT_S, Outbound, ProducerStage
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
 from worker.pipeline.transactions import MAX_STUCK_PRODUCERS, AbortReason, transactional_id
@@ -211,6 +211,8 @@ def test_a_fenced_producer_is_replaced(
     _step_until(worker, lambda: len(clients.producers) == 2)
     assert observer.aborted == [str(AbortReason.FENCED)]
     assert clients.producers[0].purged
+    # Closed off the main thread, with a bounded wait: its close may hang on a coordinator.
+    assert clients.producers[0].abandon_waits == [PRODUCER_CLOSE_WAIT_S]
     assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
 
 
