@@ -88,13 +88,15 @@ def build_scored_event(  # noqa: PLR0917
         scored_at=as_utc(scored_at),
         nli=None if nli is None else _nli_probs(scores.labels, nli),
         profile=None if profile is None else ProfileRef(name=profile.name, version=profile.version),
+        chunks_read=scores.chunks,
     )
 
 
 def encode_scored_event(event: ScoredEvent) -> bytes:
-    """Compact JSON bytes of a scored event; ``nli`` and ``profile`` are left out when absent.
+    """Compact JSON bytes of a scored event; ``nli``, ``profile`` and ``chunks_read`` are left
+    out when absent.
 
-    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli))``, written from
+    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli_and_chunks))``, written from
     the attributes directly: ``model_dump`` costs several times the encoding itself.
     """
     source, model = event.source, event.model
@@ -127,4 +129,6 @@ def encode_scored_event(event: ScoredEvent) -> bytes:
         }
     if event.profile is not None:
         document["profile"] = {"name": event.profile.name, "version": event.profile.version}
+    if event.chunks_read is not None:
+        document["chunks_read"] = event.chunks_read
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, get_args
@@ -53,6 +54,7 @@ from worker.observability.logs import bind_process_context, configure_logging
 from worker.observability.redaction import redacted_settings, register_settings_secrets
 from worker.observability.setup import Observability, start_observability
 from worker.pipeline.inference import warm_up
+from worker.pipeline.tracing import Tracer
 from worker.pipeline.worker import Worker
 from worker.scoring.factory import build_scorer
 
@@ -187,18 +189,58 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
     bind_process_context(group=settings.kafka.group_id)
     log.info("worker starting", settings=redacted_settings(settings))
     try:
+        tracer = start_tracer(settings)
+    except _StartUpError as exc:
+        return exc.exit_code
+    try:
         obs = start_observability(
             settings.observability, max_batch_size=settings.batch.max_batch_size
         )
     except ObservabilityServerError as exc:
         return _usage_error(f"{env_name('metrics_port')}: {exc}")
     try:
-        return _serve(settings, obs, worker_id, signals)
+        return _serve(settings, obs, worker_id, signals, tracer)
     finally:
         obs.close()
+        tracer.close()
 
 
-def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals) -> int:
+def start_tracer(settings: RunSettings, environ: Mapping[str, str] = os.environ) -> Tracer:
+    """The worker's tracer: the no-op one unless tracing is on, then OpenTelemetry's, imported
+    only now. Without the ``otel`` extra, ``TAGSTREAM_TRACING=true`` stops start-up (exit 2);
+    an endpoint alone only warns (it may be set for every pod of a cluster)."""
+    tracing = settings.tracing
+    if not tracing.enabled(environ):
+        return Tracer()
+    try:
+        from worker.observability.tracing import start_tracing
+
+        tracer = start_tracing(
+            tracing,
+            group=settings.kafka.group_id,
+            max_batch_size=settings.batch.max_batch_size,
+        )
+    except ImportError as exc:
+        message = (
+            f"{env_name('tracing')}: tracing needs the otel extra "
+            f"(pip install 'tagstream[otel]'): {exc}"
+        )
+        if tracing.explicit:
+            raise _StartUpError(_usage_error(message)) from exc
+        log.warning("tracing off: " + message, endpoint_set=True)
+        return Tracer()
+    log.info(
+        "tracing on",
+        exporter=tracing.tracing_exporter,
+        endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
+    return tracer
+
+
+def _serve(
+    settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals, tracer: Tracer
+) -> int:
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
     topics = [kafka.output_topic, kafka.dead_letter_topic]
@@ -228,6 +270,7 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
         obs.observer,
         client_config=obs.client_config(),
         consumer_config=obs.consumer_config(),
+        tracer=tracer,
     )
     handoff = worker.handoff
     obs.metrics.track_in_flight(lambda: handoff.in_flight)

@@ -60,6 +60,8 @@ MODEL_FLAGS: Final = {
     "device": "device",
     "dtype": "dtype",
     "max_batch_tokens": "max_batch_tokens",
+    "long_text": "long_text",
+    "max_chunks": "max_chunks",
 }
 TAGGING_FLAGS: Final = {
     "labels": "labels",
@@ -95,8 +97,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument("--scorer", help="'nli', 'embedding' or 'module:attribute'")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--dtype", help="auto, float32, float16, bfloat16 or int8 (CPU only)")
     parser.add_argument("--max-batch-tokens", type=int, help="token budget of a forward pass")
+    parser.add_argument(
+        "--long-text", help="truncate, or chunk: read long texts in overlapping token windows"
+    )
+    parser.add_argument("--max-chunks", type=int, help="chunk mode: windows scored per event")
     parser.add_argument(
         "--include-nli-probs",
         action="store_const",

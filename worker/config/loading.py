@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from worker.config.observability import ObservabilitySettings
+from worker.config.observability import ObservabilitySettings, TracingSettings
 from worker.config.settings import (
     ENV_PREFIX,
     BatchSettings,
@@ -58,6 +58,7 @@ class RunSettings:
     shutdown: ShutdownSettings
     observability: ObservabilitySettings
     profiles: ProfileSettings
+    tracing: TracingSettings
 
 
 # The classes that make up RunSettings, by RunSettings field name. Every setting name is
@@ -73,6 +74,7 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "shutdown": ShutdownSettings,
     "observability": ObservabilitySettings,
     "profiles": ProfileSettings,
+    "tracing": TracingSettings,
 }
 
 
@@ -180,4 +182,5 @@ def load_run_settings(
         shutdown=build_section(ShutdownSettings, file_values, given),
         observability=build_section(ObservabilitySettings, file_values, given),
         profiles=build_section(ProfileSettings, file_values, given),
+        tracing=build_section(TracingSettings, file_values, given),
     )

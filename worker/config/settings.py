@@ -38,7 +38,20 @@ DEFAULT_MAX_BATCH_TOKENS = 16_384
 DEFAULT_MAX_EVENT_TOKENS = 4 * DEFAULT_MAX_BATCH_TOKENS
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+LongText = Literal["truncate", "chunk"]
+ChunkAggregation = Literal["max", "mean"]
+# Chunk mode: consecutive windows share this many tokens, so a sentence cut at one window's
+# edge is read whole by the next one (a long sentence is ~40 tokens; 64 leaves room).
+DEFAULT_CHUNK_OVERLAP_TOKENS = 64
+# The overlap may take at most 1/2 of a window: every window then reads at least half new
+# text, so TAGSTREAM_MAX_CHUNKS windows always cover at least that many half windows.
+MAX_OVERLAP_DIVISOR = 2
+# Chunk mode: at most 4 windows per event. With 1,024-token windows that reads ~16,000
+# characters of text, and 16 labels x 4 full windows stay within DEFAULT_MAX_EVENT_TOKENS.
+DEFAULT_MAX_CHUNKS = 4
+# dtype=int8 quantizes on the CPU only: torch's dynamic int8 kernels have no CUDA or MPS version.
+CPU_ONLY_DTYPES = frozenset({"int8"})
 
 
 def split_csv(value: Any) -> Any:
@@ -70,8 +83,37 @@ class ModelSettings(_Base):
         description="'nli', 'embedding', or 'module:attr' import path of a scorer factory.",
     )
     device: Device = "auto"
-    dtype: Dtype = "auto"
+    dtype: Dtype = Field(
+        default="auto",
+        description="'int8': dynamic int8 quantization of the linear layers, CPU only.",
+    )
     max_batch_tokens: int = Field(default=DEFAULT_MAX_BATCH_TOKENS, ge=64)
+    long_text: LongText = Field(
+        default="truncate",
+        description="A text longer than the model reads: 'truncate' it, or 'chunk' it into "
+        "overlapping token windows scored separately (NLI scorer only).",
+    )
+    chunk_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Chunk mode: text tokens per window; 0 is as many as the model's maximum "
+        "leaves beside the event's longest hypothesis (never more).",
+    )
+    chunk_overlap_tokens: int = Field(
+        default=DEFAULT_CHUNK_OVERLAP_TOKENS,
+        ge=0,
+        description="Chunk mode: tokens consecutive windows share (at most half a window).",
+    )
+    max_chunks: int = Field(
+        default=DEFAULT_MAX_CHUNKS,
+        ge=1,
+        description="Chunk mode: windows scored per event; the rest of a longer text is not "
+        "read and the scored event says truncated.",
+    )
+    chunk_aggregation: ChunkAggregation = Field(
+        default="max",
+        description="Chunk mode: a label's score over the windows, 'max' or 'mean'.",
+    )
     allow_pickle: bool = Field(
         default=False, description="Allow loading non-safetensors (pickle) weights."
     )
@@ -83,6 +125,27 @@ class ModelSettings(_Base):
         if value in ("nli", "embedding") or ":" in value:
             return value
         raise ValueError("scorer must be 'nli', 'embedding' or a 'module:attribute' path")
+
+    @model_validator(mode="after")
+    def _cpu_only_dtype(self) -> ModelSettings:
+        if self.dtype in CPU_ONLY_DTYPES and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"TAGSTREAM_DTYPE={self.dtype} runs on the CPU only; set TAGSTREAM_DEVICE=cpu "
+                f"(got {self.device!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _chunk_overlap(self) -> ModelSettings:
+        if (
+            self.chunk_tokens
+            and self.chunk_overlap_tokens * MAX_OVERLAP_DIVISOR > self.chunk_tokens
+        ):
+            raise ValueError(
+                f"TAGSTREAM_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) may be at most "
+                f"half of TAGSTREAM_CHUNK_TOKENS ({self.chunk_tokens})"
+            )
+        return self
 
 
 class TaggingSettings(_Base):

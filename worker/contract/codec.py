@@ -428,4 +428,6 @@ def encode_output(  # noqa: PLR0917
         }
     if profile is not None:
         document["profile"] = {"name": profile.name, "version": profile.version}
+    if scores.chunks is not None:
+        document["chunks_read"] = int(scores.chunks)
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

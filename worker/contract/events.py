@@ -324,7 +324,10 @@ class ScoredEvent(BaseModel):
     )
     multi_label: bool
     hypothesis_template: str
-    truncated: bool = Field(description="True when the text was cut to fit the model.")
+    truncated: bool = Field(
+        description="True when part of the text was not read: cut to fit the model, or, in "
+        "chunk mode, past the cap on chunks per event."
+    )
     model: ModelRef
     metadata: dict[str, Any] | None = None
     scored_at: datetime = Field(description="When the event was scored, RFC 3339, UTC.")
@@ -334,4 +337,10 @@ class ScoredEvent(BaseModel):
     profile: ProfileRef | None = Field(
         default=None,
         description="The label profile that applied; absent when the configured labels did.",
+    )
+    chunks_read: int | None = Field(
+        default=None,
+        ge=1,
+        description="Chunk mode (TAGSTREAM_LONG_TEXT=chunk): token windows of the text that "
+        "were scored; absent in truncate mode.",
     )

@@ -79,6 +79,7 @@ from worker.kafka.producer import ClientErrorHook, DeliveryReport, KafkaProducer
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import Tracked
+from worker.pipeline.tracing import discard_trace, with_trace
 
 log = structlog.get_logger(__name__)
 
@@ -186,6 +187,7 @@ def abandon_as_revoked(observer: Observer) -> AbandonHook:
 
     def abandon(origin: Tracked) -> None:
         observer.record_discarded(origin.record.partition_key, DiscardReason.REVOKED)
+        discard_trace(origin.trace, DiscardReason.REVOKED)
 
     return abandon
 
@@ -298,7 +300,9 @@ class ProducerStage:
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
         """Send the input, unchanged, to the dead-letter topic (any thread)."""
         record = origin.record
-        headers = dead_letter_headers(record, failure, self._identity, datetime.now(UTC))
+        headers = with_trace(
+            dead_letter_headers(record, failure, self._identity, datetime.now(UTC)), origin.trace
+        )
         log.warning(
             "dead-lettering input",
             stage=failure.stage.value,
@@ -411,6 +415,7 @@ class ProducerStage:
             self._observer.record_discarded(
                 record.origin.record.partition_key, DiscardReason.ABORTED
             )
+            discard_trace(record.origin.trace, DiscardReason.ABORTED)
         return len(records)
 
     @property
@@ -526,6 +531,9 @@ class ProducerStage:
             self._observer.record_dead_lettered(
                 record.failure.stage.value, record.failure.error_class
             )
+        trace = record.origin.trace
+        if trace is not None:
+            trace.end("scored" if record.kind == "output" else "dead_lettered", record.failure)
 
     def _on_transactional_delivery(self, record: Outbound, error: ClientError | None) -> None:
         if record.txn != self._txn_seq:

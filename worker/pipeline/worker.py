@@ -51,6 +51,7 @@ from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
 from worker.pipeline.profiles import ControlConsumer, ProfileFeed, ProfileTable
+from worker.pipeline.tracing import Tracer, discard_trace
 from worker.pipeline.transactions import AbortReason, Transactions, transactional_id
 
 log = structlog.get_logger(__name__)
@@ -105,7 +106,8 @@ class Worker:
     ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
     and for the input consumer (observability: the log bridge, the statistics for the lag).
     ``consumer_factory``, ``producer_factory`` and ``control_consumer_factory`` build the
-    Kafka clients (real ones unless a test passes fakes).
+    Kafka clients (real ones unless a test passes fakes). ``tracer``: traces every accepted
+    record (none by default).
     """
 
     def __init__(
@@ -120,10 +122,12 @@ class Worker:
         consumer_factory: ConsumerFactory = connect_consumer,
         producer_factory: ProducerFactory = connect,
         control_consumer_factory: ControlConsumerFactory = connect_control_consumer,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
         self.observer = observer or Observer()
+        self.tracer = tracer or Tracer()
         self.tracker = OffsetTracker()
         # How each partition was last taken away, for the work of it still in flight.
         self._gone: dict[PartitionKey, DiscardReason] = {}
@@ -158,6 +162,7 @@ class Worker:
             observer=self.observer,
             on_abandoned=self._abandoned,
             circuit=settings.circuit,
+            tracer=self.tracer,
         )
         kafka = settings.kafka
         incremental = (
@@ -440,7 +445,7 @@ class Worker:
             self.tracker.remove(keys)
             return
         for item in self.batcher.drop(set(keys)):
-            self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
+            self._discard(item.origin, DiscardReason.LOST)
         self.tracker.remove(keys)
 
     def _revoke_transactional(self, transactions: Transactions, keys: list[PartitionKey]) -> None:
@@ -465,7 +470,7 @@ class Worker:
     def drop_unstarted(self, reason: DiscardReason) -> int:
         dropped = self.batcher.drop_all()
         for item in dropped:
-            self.observer.record_discarded(item.origin.record.partition_key, reason)
+            self._discard(item.origin, reason)
         return len(dropped)
 
     def rewound(self, keys: Collection[PartitionKey]) -> None:
@@ -511,7 +516,8 @@ class Worker:
         if not state.receive(record.offset):
             self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
             return None
-        return Tracked(record, state)
+        tracer = self.tracer
+        return Tracked(record, state, tracer.start_event(record) if tracer.enabled else None)
 
     def _close_feed(self) -> None:
         if self.profile_feed is not None:
@@ -552,7 +558,7 @@ class Worker:
         dropped = self.batcher.drop(set(keys))
         for item in dropped:
             record = item.origin.record
-            self.observer.record_discarded(record.partition_key, reason)
+            self._discard(item.origin, reason)
             current = first_dropped.get(record.partition_key)
             if current is None or record.offset < current:
                 first_dropped[record.partition_key] = record.offset
@@ -565,8 +571,12 @@ class Worker:
     def _abandoned(self, origin: Tracked) -> None:
         """A stage gave up on a record of a partition no longer assigned here (main or
         inference thread)."""
-        key = origin.record.partition_key
-        self.observer.record_discarded(key, self._gone.get(key, DiscardReason.REVOKED))
+        self._discard(origin, self._gone.get(origin.record.partition_key, DiscardReason.REVOKED))
+
+    def _discard(self, origin: Tracked, reason: DiscardReason) -> None:
+        """A tracked record is dropped without an output or a dead-letter record."""
+        self.observer.record_discarded(origin.record.partition_key, reason)
+        discard_trace(origin.trace, reason)
 
     def _batch_closed(self, batch: Batch) -> None:
         age = time.monotonic() - batch.opened_at

@@ -173,6 +173,20 @@ def test_nli_tiny_model_with_probabilities(tiny_bart_dir: Path) -> None:
             assert total == pytest.approx(1.0, abs=1e-4)
 
 
+def test_nli_chunk_mode_and_int8_say_how_many_windows_were_read(tiny_bart_dir: Path) -> None:
+    """A text past two windows of the tiny model (128 tokens) is read on two and says so."""
+    long = orjson.dumps({"text": " ".join(["the team won the game at the stadium ."] * 60)})
+    stdin = b"\n".join([long, WEATHER.encode()])
+    args = ["--model", str(tiny_bart_dir), "--labels", "sports,weather", "--device", "cpu"]
+    result = run_cli([*args, "--long-text", "chunk", "--max-chunks", "2", "--dtype", "int8"], stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    events = scored_lines(result.stdout)
+    assert [(e.chunks_read, e.truncated) for e in events] == [(2, True), (1, False)]
+    truncating = run_cli(args, stdin)
+    assert truncating.returncode == 0, truncating.stderr.decode()
+    assert b"chunks_read" not in truncating.stdout
+
+
 class RecordingScorer:
     """Scores every label 0.5 except the first (0.9); records the batch sizes it got."""
 

@@ -199,8 +199,11 @@ def test_encoding_writes_the_same_bytes_as_the_pydantic_dump() -> None:
             InputEvent(text="t"), request, SCORES, SOURCE, with_nli, MODEL, SCORED_AT, profile
         )
     )
+    chunked = SCORES._replace(chunks=3)
+    events.append(_build(InputEvent(text="t"), with_nli, chunked))
     for scored in events:
-        exclude = {name for name in ("nli", "profile") if getattr(scored, name) is None}
+        optional = ("nli", "profile", "chunks_read")
+        exclude = {name for name in optional if getattr(scored, name) is None}
         expected = orjson.dumps(scored.model_dump(exclude=exclude), option=options)
         assert encode_scored_event(scored) == expected
 
@@ -228,6 +231,7 @@ def test_encode_output_writes_the_bytes_of_the_built_scored_event() -> None:
         (InputEvent(text="t", id="x", metadata={"k": [1, None]}), with_nli, SCORES, SCORED_AT),
         (InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI, SCORED_AT),
         (InputEvent(text="t"), thresholds, SCORES_WITH_NLI, datetime(2024, 5, 6, 7, 0, 0)),
+        (InputEvent(text="t"), with_nli, SCORES_WITH_NLI._replace(chunks=2), SCORED_AT),
     ]
     for event, tagging, scores, moment in cases:
         request = to_request(event, tagging)
@@ -242,10 +246,19 @@ def test_encode_output_writes_every_field_of_the_contract_in_its_order() -> None
     event = InputEvent(text="t")
     profile = Profile("news", 7, ("sports", "politics"), True, "It is {}.", 0.5)
     request = to_request(event, tagging, profile)
-    raw = encode_output(
-        event, request, SCORES_WITH_NLI, _Record(), tagging, MODEL, SCORED_AT, profile
-    )
+    scores = SCORES_WITH_NLI._replace(chunks=4)
+    raw = encode_output(event, request, scores, _Record(), tagging, MODEL, SCORED_AT, profile)
     assert list(orjson.loads(raw)) == list(ScoredEvent.model_fields)
+    assert orjson.loads(raw)["chunks_read"] == 4
+
+
+def test_chunks_read_is_left_out_in_truncate_mode() -> None:
+    tagging = TaggingSettings(labels=["a"])
+    event = InputEvent(text="t")
+    raw = encode_output(
+        event, to_request(event, tagging), SCORES, _Record(), tagging, MODEL, SCORED_AT
+    )
+    assert "chunks_read" not in orjson.loads(raw)
 
 
 @pytest.mark.parametrize(
