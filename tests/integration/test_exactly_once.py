@@ -202,12 +202,6 @@ def test_a_broker_restart_mid_stream_keeps_the_ledger_exact(harness: Harness) ->
 # -- records the broker refuses inside a transaction --------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="known issue: after the broker rejects a record inside a transaction (INVALID_RECORD, "
-    "OUT_OF_ORDER_SEQUENCE_NUMBER follows), records of later aborted transactions became "
-    "visible to read_committed readers (librdkafka 2.16 + Kafka 4.4); see README",
-    strict=False,
-)
 def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     harness: Harness,
 ) -> None:
@@ -223,7 +217,9 @@ def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     )
     events, keyless_every = 600, 97
     # A compacted output refuses records without a key: each such output makes its
-    # transaction abortable; the replay dead-letters the input (stage produce) instead.
+    # transaction abortable (its neighbours in the request fail with it); the replay sends
+    # each suspect alone, inside the transaction, and then dead-letters the culprit's input
+    # (stage produce). A suspect written outside the transaction would be a duplicate here.
     records = [
         (None, value) if index % keyless_every == 0 else (key, value)
         for index, (key, value) in enumerate(_stream(events))
@@ -237,8 +233,11 @@ def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     detail = report.describe() + worker.output()
     assert report.clean, detail
     assert report.duplicates == 0, detail
+    assert len(report.inputs) == events, detail
+    assert len(report.outputs) + len(report.dead_letters) == events, detail
     stages = count_by_stage(report)
     assert stages["produce"] == keyless, (stages, detail)
+    assert sum(stages.values()) == _poison_count(events) + keyless, (stages, detail)
     assert worker.lines("transaction aborted"), detail
 
 

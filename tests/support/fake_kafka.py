@@ -29,8 +29,10 @@ def rebalance_in_progress() -> ClientError:
     )
 
 
-def record(topic: str, partition: int, offset: int, value: bytes) -> InputRecord:
-    return InputRecord(topic, partition, offset, None, value, (), 1_700_000_000_000 + offset)
+def record(
+    topic: str, partition: int, offset: int, value: bytes, key: bytes | None = None
+) -> InputRecord:
+    return InputRecord(topic, partition, offset, key, value, (), 1_700_000_000_000 + offset)
 
 
 @dataclass
@@ -182,6 +184,10 @@ class FakeProducer:
     auto_ack: bool = True
     # Topics whose records the "broker" refuses, with the error it reports.
     refuse: dict[str, ClientError] = field(default_factory=dict)
+    # Topics that refuse a record without a key (a compacted topic), with the error. As a
+    # broker judges a whole produce request, every record acknowledged in the same
+    # :meth:`ack_all` for that topic is refused with it.
+    refuse_keyless: dict[str, ClientError] = field(default_factory=dict)
     in_flight: list[Sent] = field(default_factory=list)
     written: list[Sent] = field(default_factory=list)
     closed: bool = False
@@ -235,8 +241,14 @@ class FakeProducer:
     def ack_all(self) -> None:
         with self.lock:
             sent, self.in_flight = self.in_flight, []
+        # One "produce request" per topic: a keyless record fails all of them.
+        failed_requests = {
+            item.topic: self.refuse_keyless[item.topic]
+            for item in sent
+            if item.key is None and item.topic in self.refuse_keyless
+        }
         for item in sent:
-            refusal = self.refuse.get(item.topic)
+            refusal = self.refuse.get(item.topic) or failed_requests.get(item.topic)
             if refusal is None:
                 self.written.append(item)
                 self.pending.append(item)
@@ -304,6 +316,7 @@ class FakeClients:
     producers: list[FakeProducer] = field(default_factory=list)
     # Shared by every producer built (the worker's one-record-per-request producer too).
     refuse: dict[str, ClientError] = field(default_factory=dict)
+    refuse_keyless: dict[str, ClientError] = field(default_factory=dict)
 
     def make_consumer(
         self, config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
@@ -313,7 +326,12 @@ class FakeClients:
         return self.consumer
 
     def make_producer(self, config: Mapping[str, Any], on_error: ClientErrorHook) -> FakeProducer:
-        producer = FakeProducer(on_error, auto_ack=self.auto_ack, refuse=self.refuse)
+        producer = FakeProducer(
+            on_error,
+            auto_ack=self.auto_ack,
+            refuse=self.refuse,
+            refuse_keyless=self.refuse_keyless,
+        )
         self.producers.append(producer)
         return producer
 

@@ -80,6 +80,12 @@ _REJECTED_CODES: Final = frozenset(
 )
 
 
+# Refused only because another record of the same produce request was (librdkafka maps the
+# broker's per-record errors, KIP-467: the culprit gets INVALID_RECORD, its neighbours this):
+# the record itself is fine, so it is sent again and never dead-lettered.
+_NEIGHBOUR_REFUSED_CODES: Final = frozenset({KafkaError._INVALID_DIFFERENT_RECORD})
+
+
 def classify(error: KafkaError) -> ErrorKind:
     """Retriable, too large, rejected, or fatal. Unknown permanent errors count as fatal:
     retrying them forever would stall the partition, dead-lettering them could drop good
@@ -91,7 +97,7 @@ def classify(error: KafkaError) -> ErrorKind:
         return ErrorKind.TOO_LARGE
     if code in _REJECTED_CODES:
         return ErrorKind.REJECTED
-    if error.retriable() or code in _TRANSIENT_CODES:
+    if error.retriable() or code in _TRANSIENT_CODES or code in _NEIGHBOUR_REFUSED_CODES:
         return ErrorKind.RETRIABLE
     return ErrorKind.FATAL
 

@@ -474,7 +474,12 @@ class ProducerStage:
     def _produce(self, record: Outbound) -> bool:
         """One try to queue the record in librdkafka; ``False`` if its queue is full.
         Called with the backlog lock held, so records enter the queue in order."""
-        producer = self._solo_producer() if record.solo else self._producer
+        # Exactly-once: every record goes through the transactional producer, a record
+        # sent alone too (:meth:`_send_alone` isolates it by flushing around it). The solo
+        # producer is not transactional: what it writes is visible at once to
+        # read_committed readers and no abort takes it back.
+        solo = record.solo and not self.transactional
+        producer = self._solo_producer() if solo else self._producer
         if self.transactional:
             # Before the produce call: its delivery report may run on the main thread as
             # soon as the call returns, and a report without its transaction is ignored.
@@ -541,6 +546,8 @@ class ProducerStage:
         if record.txn != self._txn_seq:
             return  # a report of an aborted transaction (purged records among them)
         if error is None:
+            if record.solo:
+                self._forget_refusal(record)  # accepted alone: not the culprit
             if record.origin.active:
                 record.origin.mark_done()
             return
@@ -571,6 +578,10 @@ class ProducerStage:
                 error=error.message,
             )
             self.abort_reason = f"produce error {error.name}"
+
+    def _forget_refusal(self, record: Outbound) -> None:
+        source = record.origin.record
+        self._refused.pop((source.topic, source.partition, source.offset, record.kind), None)
 
     def _refusal(self, record: Outbound) -> tuple[ClientError, bool] | None:
         """Why the broker refused this record of this input before, if it did."""

@@ -32,6 +32,8 @@ from worker.kafka.errors import (
         (KafkaError.INVALID_RECORD, ErrorKind.REJECTED),
         (KafkaError.INVALID_MSG, ErrorKind.REJECTED),
         (KafkaError.POLICY_VIOLATION, ErrorKind.REJECTED),
+        # A neighbour in the same produce request was the invalid one: sent again.
+        (KafkaError._INVALID_DIFFERENT_RECORD, ErrorKind.RETRIABLE),
         (KafkaError.UNSUPPORTED_VERSION, ErrorKind.FATAL),
     ],
 )

@@ -15,14 +15,22 @@ from typing import Final
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError
 
 from tests.support.fake_kafka import FakeClients, FakeProducer, record
 from tests.support.scorers import FakeScorer
 from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
-from worker.contract.deadletter import WorkerIdentity
+from worker.contract.deadletter import HEADER_STAGE, WorkerIdentity
 from worker.errors import ConfigError, TransactionStuckError
-from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError, stuck_error
+from worker.kafka.errors import (
+    ClientError,
+    ErrorKind,
+    TxnAction,
+    TxnError,
+    delivery_error,
+    stuck_error,
+)
 from worker.kafka.producer import DeliveryReport
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.observability.metrics import TRANSACTION_ABORT_REASONS
@@ -169,6 +177,46 @@ def test_a_failed_delivery_aborts_and_rewinds_to_the_committed_offsets(
     _feed(clients, 0, _events(3), start=2)
     _step_until(worker, lambda: clients.producer.txn_offsets[-1] == {P0: 5})
     assert len(clients.producer.committed) == 5
+
+
+def test_an_output_the_broker_rejects_is_dead_lettered_inside_the_transaction_only(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    # A compacted output refuses the keyless output, and with it every record of its
+    # produce request: the replay sends each suspect alone, the culprit is dead-lettered.
+    rejected = delivery_error(KafkaError(KafkaError.INVALID_RECORD))
+    clients.refuse_keyless["news.tagged"] = rejected
+    clients.input.assign([P0])
+    inputs = [
+        record(TOPIC, 0, offset, value, None if offset == 2 else f"k{offset}".encode())
+        for offset, value in enumerate(_events(6))
+    ]
+    clients.input.records.extend(inputs)
+    refetched: list[int] = []
+
+    def committed_all() -> bool:
+        # The broker's answer to a seek: the records from its position are fetched again.
+        for seek in clients.input.seeks[len(refetched) :]:
+            refetched.append(seek[P0])
+            clients.input.records.extend(inputs[seek[P0] :])
+        return clients.producer.txn_offsets[-1:] == [{P0: 6}]
+
+    _step_until(worker, committed_all)
+    # Nothing was written outside the transactional producer: a record sent alone went
+    # through it too (a non-transactional write is visible at once, never aborted).
+    assert len(clients.producers) == 1
+    committed = clients.producer.committed
+    outputs = sorted(sent.key or b"" for sent in committed if sent.topic == "news.tagged")
+    assert outputs == [b"k0", b"k1", b"k3", b"k4", b"k5"]
+    dead = [sent for sent in committed if sent.topic == "news.tagged.dlq"]
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert (headers[HEADER_STAGE], headers["tagstream.error.class"]) == (
+        b"produce",
+        b"INVALID_RECORD",
+    )
+    # One abort for the request, one for the culprit refused alone.
+    assert observer.aborted == [str(AbortReason.PRODUCE_ERROR)] * 2
 
 
 def test_a_revoke_commits_the_open_transaction_before_the_partitions_go(
