@@ -39,13 +39,13 @@ integration: setup
 
 ## lint: ruff and mypy --strict on the package, its tests, the benchmarks and dev tools
 lint: setup
-	$(VENV)/bin/ruff check worker tests bench dev
-	$(VENV)/bin/ruff format --check worker tests bench dev
-	$(VENV)/bin/mypy --strict worker tests bench dev
+	$(VENV)/bin/ruff check worker tests bench dev ci
+	$(VENV)/bin/ruff format --check worker tests bench dev ci
+	$(VENV)/bin/mypy --strict worker tests bench dev ci
 
 fmt: setup
-	$(VENV)/bin/ruff check --fix worker tests bench dev
-	$(VENV)/bin/ruff format worker tests bench dev
+	$(VENV)/bin/ruff check --fix worker tests bench dev ci
+	$(VENV)/bin/ruff format worker tests bench dev ci
 
 ## kafka-up / kafka-down: the local broker (127.0.0.1:19092 unless TAGSTREAM_KAFKA_PORT says)
 kafka-up:

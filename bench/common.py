@@ -103,6 +103,11 @@ def _lscpu() -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in pairs}
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as lscpu lists them (empty where lscpu is missing)."""
+    return set(_lscpu().get("Flags", "").split())
+
+
 def _memory_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

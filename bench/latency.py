@@ -26,7 +26,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -132,16 +132,36 @@ def wait_for_outputs(progress: Progress, count: int, timeout_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def run_rates(
-    bootstrap: str, max_wait_ms: int, rates: list[tuple[float, float]], args: argparse.Namespace
-) -> list[Point]:
-    """One worker with ``max_wait_ms``; each (fraction, rate) in turn; the latency points."""
-    topics = Topics.create(bootstrap, f"latency-{max_wait_ms}", args.partitions)
-    settings = {**args.scorer_settings, "TAGSTREAM_MAX_WAIT_MS": str(max_wait_ms)}
-    log_path = args.out / f"worker-latency-{max_wait_ms}.log"
-    root = args.worker_root or REPO
-    process = start_worker(worker_env(bootstrap, topics, settings, root), log_path, root)
-    progress = Progress(bootstrap, topics)
+@dataclass(frozen=True)
+class OpenLoop:
+    """One worker on fresh topics under an open-loop load: each (fraction, rate) in turn."""
+
+    name: str  # topic prefix; the worker's log is worker-NAME.log in ``out``
+    settings: dict[str, str]
+    rates: list[tuple[float, float]]
+    seconds: float
+    partitions: int
+    out: Path
+    root: Path = REPO
+
+
+@dataclass
+class Measured:
+    """What an :class:`OpenLoop` run left: its topics, its phases, and per output its
+    input's timestamp and when a read_committed reader got it (ms)."""
+
+    topics: Topics
+    phases: list[Phase]
+    visible: list[tuple[int, int]]
+
+
+def measure(bootstrap: str, run: OpenLoop) -> Measured:
+    """Start the worker, wait for its first output, run each rate, wait for its outputs."""
+    topics = Topics.create(bootstrap, run.name, run.partitions)
+    log_path = run.out / f"worker-{run.name}.log"
+    env = worker_env(bootstrap, topics, run.settings, run.root)
+    process = start_worker(env, log_path, run.root)
+    progress = Progress(bootstrap, topics, visibility=True)
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": LOAD_LINGER_MS, "acks": "all"}
     )
@@ -156,10 +176,10 @@ def run_rates(
                 raise SystemExit("the worker did not answer a first event")
             time.sleep(POLL_S)
         total = 1
-        for fraction, rate in rates:
-            print(f"  max_wait_ms={max_wait_ms}: {rate:,.0f} events/s ...", flush=True)
+        for fraction, rate in run.rates:
+            print(f"  {run.name}: {rate:,.0f} events/s ...", flush=True)
             start_ms = int(time.time() * 1000)
-            sent = open_loop(producer, topics.input, rate, args.seconds, total)
+            sent = open_loop(producer, topics.input, rate, run.seconds, total)
             end_ms = int(time.time() * 1000)
             total += sent
             check_alive(process, log_path)
@@ -168,24 +188,59 @@ def run_rates(
     finally:
         progress.close()
         stop_worker(process, log_path)
-    return points(bootstrap, topics, max_wait_ms, phases, args.warmup_s)
+    return Measured(topics, phases, progress.visible)
+
+
+def run_rates(
+    bootstrap: str, max_wait_ms: int, rates: list[tuple[float, float]], args: argparse.Namespace
+) -> list[Point]:
+    """One worker with ``max_wait_ms``; each (fraction, rate) in turn; the latency points."""
+    settings = {**args.scorer_settings, "TAGSTREAM_MAX_WAIT_MS": str(max_wait_ms)}
+    run = OpenLoop(
+        f"latency-{max_wait_ms}",
+        settings,
+        rates,
+        args.seconds,
+        args.partitions,
+        args.out,
+        args.worker_root or REPO,
+    )
+    measured = measure(bootstrap, run)
+    return points(bootstrap, measured.topics, max_wait_ms, measured.phases, args.warmup_s)
+
+
+def appended(bootstrap: str, topics: Topics) -> list[tuple[int, int]]:
+    """Per output record: its input's timestamp (in the JSON) and its own (LogAppendTime)."""
+    output = read_topic(bootstrap, topics.output, topics.partitions, keep_values=True)
+    return [
+        (int(orjson.loads(value)["source"]["timestamp"]), timestamp)
+        for timestamp, value in zip(output.timestamps, output.values, strict=True)
+    ]
+
+
+def phase_latencies(
+    samples: Iterable[tuple[int, int]], phases: Sequence[Phase], warmup_s: float
+) -> list[list[float]]:
+    """Sorted latencies (end ms - input ms) per phase, of the inputs appended during it
+    after its first ``warmup_s``."""
+    latencies: list[list[float]] = [[] for _ in phases]
+    for source_ms, end_ms in samples:
+        for index, phase in enumerate(phases):
+            if phase.start_ms + warmup_s * 1000 <= source_ms <= phase.end_ms:
+                latencies[index].append(float(end_ms - source_ms))
+                break
+    for values in latencies:
+        values.sort()
+    return latencies
 
 
 def points(
     bootstrap: str, topics: Topics, max_wait_ms: int, phases: list[Phase], warmup_s: float
 ) -> list[Point]:
     """Latency percentiles per phase from the output records (input timestamp in the JSON)."""
-    output = read_topic(bootstrap, topics.output, topics.partitions, keep_values=True)
-    latencies: list[list[float]] = [[] for _ in phases]
-    for timestamp, value in zip(output.timestamps, output.values, strict=True):
-        source_ms = orjson.loads(value)["source"]["timestamp"]
-        for index, phase in enumerate(phases):
-            if phase.start_ms + warmup_s * 1000 <= source_ms <= phase.end_ms:
-                latencies[index].append(float(timestamp - source_ms))
-                break
+    latencies = phase_latencies(appended(bootstrap, topics), phases, warmup_s)
     result = []
     for phase, values in zip(phases, latencies, strict=True):
-        values.sort()
         p50, p95, p99 = (percentile(values, p) for p in PERCENTILES)
         seconds = (phase.end_ms - phase.start_ms) / 1000
         result.append(

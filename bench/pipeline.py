@@ -16,6 +16,14 @@ input limits), the same events in every scenario:
   every step of the worker, no model work. Goal: noop / ceiling >= 0.5.
 * ``noop-eos``: ``noop`` with ``TAGSTREAM_PROCESSING_GUARANTEE=exactly-once``: the cost of
   the transactions (a checkpoint that drains every commit interval) against ``noop``.
+* ``latency``: the two delivery modes, ``noop`` and ``noop-eos``, each a fresh worker under
+  an open-loop load (``bench/latency.py``'s generator) at ``--latency-fraction`` (0.5) of
+  the slower mode's events/s measured before it in the same run (or ``--latency-rate``),
+  for ``--latency-seconds`` (20; the first ``--latency-warmup-s``, 3, left out). Latency of
+  an event = the moment a ``read_committed`` reader in this process got its output - its
+  input's LogAppendTime: what a downstream consumer sees, so an exactly-once output counts
+  from its transaction's commit. p50 / p95 / p99 / max per mode, and the p99 to the
+  output's own append time (bench/latency.py's measure) next to it.
 * ``nli``: ``tagstream run`` with the tiny 2+2-layer NLI model of the tests (CPU, float32;
   ``--nli-events``, default 20,000, because the model is the bottleneck there).
 
@@ -30,7 +38,9 @@ uses LogAppendTime, so that is the span from the first record the broker appende
 batch after the first input was consumed) to the last one it appended (just before it
 acknowledged it). Each run then waits until the group's committed offsets reach the input's
 log end; ``to_commit_s`` is the time from the first output to that moment (checked twice a
-second). Outputs are counted, and for the worker checked for duplicates and dead letters.
+second). Outputs are counted as records a ``read_committed`` reader gets (never by offsets:
+an exactly-once run's log also holds transaction markers and aborted records), and for the
+worker checked for duplicates and dead letters.
 
 ``busy %`` (noop, nli): the share of wall time the worker's inference thread spends inside
 ``Scorer.score`` under saturation. The worker serves ``/metrics`` on a free local port;
@@ -57,6 +67,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -64,12 +75,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from bench.common import (
     ADMIN_TIMEOUT_S,
     MAX_EVENT_BYTES,
     MIN_EVENT_BYTES,
+    READ_BATCH,
     RESULTS,
     InputWritten,
     Topics,
@@ -78,12 +91,14 @@ from bench.common import (
     free_port,
     machine_info,
     metric_value,
+    percentile,
     print_table,
     produce_events,
     read_topic,
     scrape_metrics,
     start_worker,
     stop_worker,
+    unique,
     worker_env,
     write_report,
 )
@@ -93,12 +108,21 @@ from worker.pipeline.worker import POLL_MAX_RECORDS
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCENARIOS: Final = ("ceiling", "noop", "noop-eos", "nli")
+SCENARIOS: Final = ("ceiling", "noop", "noop-eos", "latency", "nli")
+# The two delivery modes the latency scenario compares, by the scenario that sets them up.
+LATENCY_MODES: Final = ("noop", "noop-eos")
 EXACTLY_ONCE: Final = {"TAGSTREAM_PROCESSING_GUARANTEE": "exactly-once"}
 DEFAULT_EVENTS: Final = 200_000
 # The tiny NLI model scores ~1-3k events/s on 2 cores: 20k events keep that run near 10-20 s.
 DEFAULT_NLI_EVENTS: Final = 20_000
 DEFAULT_PARTITIONS: Final = 8
+# Latency scenario: an open-loop load at this share of the slower mode's measured maximum
+# (saturated, every event waits behind the backlog and latency is only the run's length),
+# for this long, the first seconds left out as in bench/latency.py.
+DEFAULT_LATENCY_FRACTION: Final = 0.5
+DEFAULT_LATENCY_SECONDS: Final = 20.0
+DEFAULT_LATENCY_WARMUP_S: Final = 3.0
+LATENCY_PERCENTILES: Final = (0.5, 0.95, 0.99)
 NOOP_SCORER: Final = "worker.scoring.noop:NoopScorer"
 # Ceiling loop: poll timeout while waiting for input, as the worker's idle poll.
 CEILING_POLL_S: Final = 0.1
@@ -106,6 +130,8 @@ CEILING_POLL_S: Final = 0.1
 STALL_TIMEOUT_S: Final = 120.0
 # Progress and completion checks while a worker runs.
 PROGRESS_EVERY_S: Final = 0.5
+# The output reader's wait for more records at each check: short, it drains what is there.
+TAIL_POLL_S: Final = 0.05
 PRINT_EVERY_S: Final = 10.0
 # py-spy: samples per second (low enough not to slow the worker noticeably; --nonblocking
 # reads the stacks without stopping the process).
@@ -282,12 +308,41 @@ def run_ceiling(
 
 
 class Progress:
-    """Watches a run from outside: output count, committed offsets of the group."""
+    """Watches a run from outside: the outputs a downstream reader sees, committed offsets of
+    the group.
 
-    def __init__(self, bootstrap: str, topics: Topics) -> None:
+    Outputs are counted by reading the output topic as a ``read_committed`` consumer, not by
+    its end offsets: in exactly-once mode every transaction writes markers (one offset per
+    partition it touched) and aborted records occupy offsets too, and neither is ever read.
+    With ``visibility`` it also keeps, for every output, its input's timestamp and the wall
+    time (ms) this reader got it: the end-to-end latency a downstream consumer sees.
+    """
+
+    def __init__(self, bootstrap: str, topics: Topics, *, visibility: bool = False) -> None:
         self.topics = topics
         self._peek = Consumer({"bootstrap.servers": bootstrap, "group.id": topics.group})
+        self._tail = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": unique("bench-tail"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        self._tail.assign([TopicPartition(topics.output, p, 0) for p in range(topics.partitions)])
         self._input_ends: dict[int, int] | None = None
+        self._count = 0
+        self._visibility = visibility
+        # (input timestamp ms, ms this reader got the output) per output, with visibility.
+        self.visible: list[tuple[int, int]] = []
+        # With visibility the reader runs on its own thread all along, so that the moment it
+        # gets an output does not wait for the next check (an open loop checks only after).
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        if visibility:
+            self._reader = threading.Thread(target=self._read_until_closed, daemon=True)
+            self._reader.start()
 
     def _ends(self, topic: str) -> dict[int, int]:
         """Log end offsets; retried while a new topic's leaders are still being elected."""
@@ -306,7 +361,32 @@ class Progress:
                 time.sleep(PROGRESS_EVERY_S)
 
     def outputs(self) -> int:
-        return sum(self._ends(self.topics.output).values())
+        """Outputs a read_committed reader has seen so far (without visibility: reads what
+        has arrived first)."""
+        if self._reader is None:
+            while self._read_once():
+                pass
+        with self._lock:
+            return self._count
+
+    def _read_until_closed(self) -> None:
+        while not self._stop.is_set():
+            self._read_once()
+
+    def _read_once(self) -> bool:
+        """One batch of outputs, if any arrived within :data:`TAIL_POLL_S`."""
+        messages = self._tail.consume(READ_BATCH, TAIL_POLL_S)
+        seen_ms = int(time.time() * 1000)
+        read = [message for message in messages if message.error() is None]
+        visible = [
+            (int(orjson.loads(message.value() or b"{}")["source"]["timestamp"]), seen_ms)
+            for message in read
+            if self._visibility
+        ]
+        with self._lock:
+            self._count += len(read)
+            self.visible.extend(visible)
+        return bool(messages)
 
     def committed_at_end(self) -> bool:
         if self._input_ends is None:
@@ -316,7 +396,11 @@ class Progress:
         return all(tp.offset == self._input_ends[tp.partition] for tp in committed)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._reader is not None:
+            self._reader.join()
         self._peek.close()
+        self._tail.close()
 
 
 def process_cpu_s(pid: int) -> float:
@@ -523,6 +607,99 @@ def _result(
     )
 
 
+# -- (d) latency, at-least-once against exactly-once ---------------------------------------
+
+
+@dataclass
+class LatencyResult:
+    """One delivery mode under an open-loop load: end-to-end latency percentiles (ms).
+
+    ``p*_ms``: input append (LogAppendTime) -> the moment a read_committed reader in this
+    process got the output: what a downstream consumer sees (in exactly-once mode, at the
+    commit). ``append_p99_ms``: to the output's own append time instead, as bench/latency.py
+    measures (an exactly-once output is appended before its transaction commits).
+    """
+
+    scenario: str
+    rate: float
+    seconds: float
+    events: int
+    measured: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    append_p99_ms: float
+
+
+def latency_rate(results: Sequence[Result], fraction: float, given: float | None) -> float:
+    """The open-loop rate: ``given``, else ``fraction`` of the slower measured mode."""
+    if given is not None:
+        return given
+    measured = [r.events_per_s for r in results if r.scenario in LATENCY_MODES]
+    if not measured:
+        raise SystemExit("the latency scenario needs noop or noop-eos before it, or --latency-rate")
+    return fraction * min(measured)
+
+
+def run_latency(
+    bootstrap: str, scenario: str, settings: dict[str, str], rate: float, args: argparse.Namespace
+) -> LatencyResult:
+    """A fresh worker in one delivery mode under an open-loop ``rate`` (bench/latency.py)."""
+    from bench import latency  # at run time: bench.latency imports this module
+
+    run = latency.OpenLoop(
+        f"{scenario}-latency",
+        settings,
+        [(args.latency_fraction, rate)],
+        args.latency_seconds,
+        args.partitions,
+        args.out or RESULTS,
+        args.worker_root or REPO,
+    )
+    measured = latency.measure(bootstrap, run)
+    warmup = args.latency_warmup_s
+    visible = latency.phase_latencies(measured.visible, measured.phases, warmup)[0]
+    appended = latency.phase_latencies(
+        latency.appended(bootstrap, measured.topics), measured.phases, warmup
+    )[0]
+    p50, p95, p99 = (percentile(visible, q) for q in LATENCY_PERCENTILES)
+    phase = measured.phases[0]
+    return LatencyResult(
+        scenario=scenario,
+        rate=round(rate, 1),
+        seconds=args.latency_seconds,
+        events=phase.sent,
+        measured=len(visible),
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        max_ms=visible[-1] if visible else float("nan"),
+        append_p99_ms=percentile(appended, LATENCY_PERCENTILES[-1]),
+    )
+
+
+def print_latency(results: Sequence[LatencyResult]) -> None:
+    print("\nend-to-end latency, ms (input append -> read_committed reader got the output)")
+    print_table(
+        ["mode", "rate", "events", "measured", "p50", "p95", "p99", "max", "p99 to append"],
+        [
+            [
+                r.scenario,
+                r.rate,
+                r.events,
+                r.measured,
+                r.p50_ms,
+                r.p95_ms,
+                r.p99_ms,
+                r.max_ms,
+                r.append_p99_ms,
+            ]
+            for r in results
+        ],
+    )
+
+
 # -- profiling -----------------------------------------------------------------------------
 
 
@@ -721,6 +898,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a worker setting for the noop and nli runs, e.g. max_batch_size=128",
     )
+    parser.add_argument(
+        "--latency-fraction",
+        type=float,
+        default=DEFAULT_LATENCY_FRACTION,
+        help="latency scenario: open-loop rate as a share of the slower mode's events/s",
+    )
+    parser.add_argument(
+        "--latency-rate", type=float, default=None, help="latency scenario: this rate instead"
+    )
+    parser.add_argument("--latency-seconds", type=float, default=DEFAULT_LATENCY_SECONDS)
+    parser.add_argument("--latency-warmup-s", type=float, default=DEFAULT_LATENCY_WARMUP_S)
     parser.add_argument("--bootstrap", default=None, help="reuse this broker (host:port)")
     parser.add_argument("--profile", action="store_true", help="py-spy the noop worker")
     parser.add_argument(
@@ -741,6 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = dict(args.set)
     machine = machine_info()
     results: list[Result] = []
+    latencies: list[LatencyResult] = []
     profile: dict[str, Any] | None = None
     with (
         tempfile.TemporaryDirectory(prefix="tagstream-bench-") as scratch,
@@ -786,8 +975,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out,
             ),
         }
+        modes = {"noop": noop, "noop-eos": {**noop, **EXACTLY_ONCE}}
         for scenario in args.scenarios:
             print(f"\n[{scenario}]", flush=True)
+            if scenario == "latency":
+                rate = latency_rate(results, args.latency_fraction, args.latency_rate)
+                for mode in LATENCY_MODES:
+                    latencies.append(run_latency(bootstrap, mode, modes[mode], rate, args))
+                continue
             result = runs[scenario]()
             results.append(result)
             print(
@@ -807,6 +1002,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_results(results)
     if ratio is not None:
         print(f"\nnoop / ceiling = {ratio:.3f} (goal >= 0.5)")
+    if latencies:
+        print_latency(latencies)
     load = os.getloadavg()
     path = write_report(
         args.out,
@@ -822,11 +1019,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "worker_settings": extra or "defaults",
                 "labels_per_event": 4,
                 "timestamps": "LogAppendTime on the output topic",
+                "latency": {
+                    "fraction": args.latency_fraction,
+                    "rate": args.latency_rate or "fraction of the slower mode's events/s",
+                    "seconds": args.latency_seconds,
+                    "warmup_s": args.latency_warmup_s,
+                    "end": "a read_committed reader in the bench process got the output",
+                },
                 "bootstrap": "reused" if args.bootstrap else "own broker",
                 "worker_root": str(args.worker_root or REPO),
                 "command": sys.argv,
             },
             "results": [asdict(r) for r in results],
+            "latency": [asdict(r) for r in latencies],
             "noop_over_ceiling": ratio,
             "profile": profile,
         },

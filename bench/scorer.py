@@ -14,8 +14,13 @@ single-label). Text lengths are heavy-tailed (most 10-40 words, some 200-400) an
 repeat. Throughput is counted in requested (text, label) pairs per second, so work the scorer
 avoids (repeated texts) counts as speed, as it does in production.
 
+``--precision`` measures the scorer alone in every dtype instead (``--dtypes`` defaults to
+float32, bfloat16 and int8 there): pairs/s, and the largest score difference to float32 over
+the benchmark's events and labels. ``int8`` is ``TAGSTREAM_DTYPE=int8``: the float32 model
+with its linear layers quantized dynamically (:func:`worker.scoring.runtime.quantize_linear`).
+
 Run from the repository root: ``python -m bench.scorer [--events N] [--models tiny,bart-large]
-[--dtypes float32,bfloat16] [--budget-sweep 4096,8192,...] [--out results.json]
+[--dtypes float32,bfloat16] [--budget-sweep 4096,8192,...] [--precision] [--out results.json]
 [--plot scorer.png]``. The plot (matplotlib, ``pip install -e '.[bench]'``) shows tagstream's
 pairs/s against the token budget, with the pipeline's best and documented calls as lines,
 one panel per model and dtype; it is written next to ``--out`` unless ``--plot`` says.
@@ -26,21 +31,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import tokenizers
 import torch
-import transformers
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -49,6 +50,7 @@ from transformers import (
     pipeline,
 )
 
+from bench.common import cpu_flags, machine_info
 from tests.support.models import (
     LABEL_WORDS,
     bart_large_shaped,
@@ -58,6 +60,7 @@ from tests.support.models import (
 from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS
 from worker.contract.scorer import LabelScores, ScoreRequest
 from worker.scoring.nli import NliScorer
+from worker.scoring.runtime import INT8, quantize_linear
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +96,9 @@ DEFAULT_DTYPES = ("float32", "bfloat16")
 # Events used once, untimed, so lazy initialisation does not land in any measurement.
 WARMUP_EVENTS = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --precision: int8 is the float32 model quantized; float32 is the reference it is held to.
+PRECISION_DTYPES = ("float32", "bfloat16", INT8)
+REFERENCE_DTYPE = "float32"
 
 
 @dataclass
@@ -181,6 +187,82 @@ def load(directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
         directory, dtype=dtype, attn_implementation="sdpa"
     )
     return model.eval(), AutoTokenizer.from_pretrained(directory)
+
+
+def load_precision(
+    directory: Path, dtype_name: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model as ``TAGSTREAM_DTYPE=<dtype_name>`` runs it (int8: float32, quantized)."""
+    if dtype_name != INT8:
+        return load(directory, DTYPES[dtype_name])
+    model, tokenizer = load(directory, torch.float32)
+    return quantize_linear(model), tokenizer
+
+
+def label_scores(outcomes: Sequence[LabelScores]) -> list[dict[str, float]]:
+    return [dict(zip(o.labels, o.scores, strict=True)) for o in outcomes]
+
+
+def bench_precision(
+    name: str, directory: Path, dtypes: Sequence[str], size: RunSize
+) -> list[dict[str, Any]]:
+    """NliScorer alone in each dtype on the same events: pairs/s and the score difference to
+    float32 (always measured first, as the reference)."""
+    texts = make_events(size.events)
+    requests = [ScoreRequest(text, LABELS, True, TEMPLATE) for text in texts]
+    warmup = [r for r in requests if len(r.text) < 400][:WARMUP_EVENTS]
+    pairs = len(requests) * len(LABELS)
+    rows: list[dict[str, Any]] = []
+    reference: list[dict[str, float]] | None = None
+    for dtype_name in [REFERENCE_DTYPE, *(d for d in dtypes if d != REFERENCE_DTYPE)]:
+        model, tokenizer = load_precision(directory, dtype_name)
+        scorer = NliScorer(model, tokenizer, name=name, max_batch_tokens=size.budgets[0])
+        run_scorer(scorer, warmup)
+        seconds, outputs = timed(partial(run_scorer, scorer, requests), size.repeats)
+        scores = label_scores(cast(list[LabelScores], outputs))
+        if reference is None:
+            reference = scores
+        worst = max(
+            abs(got[label] - want[label])
+            for got, want in zip(scores, reference, strict=True)
+            for label in LABELS
+        )
+        rows.append(
+            {
+                "model": name,
+                "dtype": scorer.info.dtype,
+                "events": len(requests),
+                "pairs": pairs,
+                "seconds": round(seconds, 2),
+                "pairs_per_s": round(pairs / seconds, 2),
+                "max_abs_score_difference_vs_float32": worst,
+                "max_batch_tokens": size.budgets[0],
+                "repeats": size.repeats,
+            }
+        )
+        print(
+            f"  {name:10} {scorer.info.dtype:8} {pairs / seconds:9.2f} pairs/s"
+            f"  ({seconds:.1f} s)  max |score - float32| {worst:.3g}",
+            flush=True,
+        )
+        del scorer, model
+    return rows
+
+
+def print_precision(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'model':10} {'dtype':8} {'pairs':>5} {'pairs/s':>8} {'x float32':>9} {'max diff':>9}"
+    )
+    print("\nNliScorer per dtype (pairs/s; largest score difference to float32)")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        base = next(r for r in rows if r["model"] == row["model"] and r["dtype"] == REFERENCE_DTYPE)
+        print(
+            f"{row['model']:10} {row['dtype']:8} {row['pairs']:5d} {row['pairs_per_s']:8.2f}"
+            f" {row['pairs_per_s'] / base['pairs_per_s']:9.2f}"
+            f" {row['max_abs_score_difference_vs_float32']:9.2g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -316,25 +398,21 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        lscpu = ""
-    fields = dict(
-        (key.strip(), value.strip())
-        for key, _, value in (line.partition(":") for line in lscpu.splitlines())
-    )
+    """The shared machine facts plus what decides a model's speed on this host."""
+    flags = cpu_flags()
     return {
-        "cpu_model": fields.get("Model name", platform.processor()),
-        "cpus": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in fields.get("Flags", ""),
+        **machine_info(),
+        "avx512_bf16": "avx512_bf16" in flags,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
     }
+
+
+def write_out(path: Path, report: dict[str, Any]) -> None:
+    """``report`` as indented JSON at ``path`` (its folder made if need be)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
 
 
 def print_table(rows: list[dict[str, Any]], workloads: list[dict[str, Any]]) -> None:
@@ -374,7 +452,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--events", type=int, default=None, help="events per model (default: per model)"
     )
     parser.add_argument("--models", type=choices(MODEL_DEFAULTS), default=list(DEFAULT_MODELS))
-    parser.add_argument("--dtypes", type=choices(DTYPES), default=list(DEFAULT_DTYPES))
+    parser.add_argument(
+        "--dtypes",
+        type=choices([*DTYPES, INT8]),
+        default=None,
+        help="default: float32,bfloat16 (with --precision: float32,bfloat16,int8)",
+    )
+    parser.add_argument(
+        "--precision",
+        action="store_true",
+        help="the scorer alone per dtype: pairs/s and the score difference to float32",
+    )
     parser.add_argument(
         "--budget-sweep",
         type=ints,
@@ -438,8 +526,39 @@ def plot(results: list[Measurement], path: Path) -> Path | None:
     return path
 
 
+def precision_main(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    dtypes = args.dtypes or list(PRECISION_DTYPES)
+    print(f"torch threads: {torch.get_num_threads()}, labels per event: {len(LABELS)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.models:
+            directory = model_dir(name, args.model_cache, Path(scratch))
+            rows.extend(bench_precision(name, directory, dtypes, run_size(name, args)))
+    print_precision(rows)
+    if args.out is not None:
+        report = {
+            "machine": machine(),
+            "settings": {
+                "labels": list(LABELS),
+                "template": TEMPLATE,
+                "multi_label": True,
+                "seed": SEED,
+                "command": sys.argv,
+            },
+            "precision": rows,
+        }
+        write_out(args.out, report)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.precision:
+        return precision_main(args)
+    if args.dtypes is None:
+        args.dtypes = list(DEFAULT_DTYPES)
+    if INT8 in args.dtypes:
+        raise SystemExit("int8 is measured with --precision (the pipeline side has no int8 run)")
     results: list[Measurement] = []
     workloads: list[dict[str, Any]] = []
     print(f"torch threads: {torch.get_num_threads()}, labels per event: {len(LABELS)}")
@@ -472,9 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workloads": workloads,
             "measurements": [asdict(r) for r in results],
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.out}")
+        write_out(args.out, report)
     picture = args.plot or (args.out.with_suffix(".png") if args.out is not None else None)
     if picture is not None:
         plot(results, picture)

@@ -4,11 +4,11 @@
 
 Core kinds are checked with ``kubernetes-validate`` against the bundled OpenAPI schemas of the
 given Kubernetes version, in strict mode (unknown fields are errors). The custom resources the
-chart can emit (KEDA ScaledObject and TriggerAuthentication, Prometheus Operator
-ServiceMonitor and PrometheusRule) have no bundled schema, so they are checked here against the fields their CRDs
-require, plus the invariants the chart promises (a Kafka trigger on the consumer group's lag,
-``maxReplicaCount`` set). Every resource must carry the standard ``app.kubernetes.io`` labels.
-A kind that is neither core nor one of those is an error, so nothing passes unchecked.
+chart can emit (KEDA ScaledObject and TriggerAuthentication, Prometheus Operator ServiceMonitor
+and PrometheusRule) have no bundled schema, so they are checked here against the fields their
+CRDs require, plus the invariants the chart promises (a Kafka trigger on the consumer group's
+lag, ``maxReplicaCount`` set). Every resource must carry the standard ``app.kubernetes.io``
+labels. A kind that is neither core nor one of those is an error, so nothing passes unchecked.
 
 Exit status 0 when every document passes, 1 otherwise, with one line per problem.
 """

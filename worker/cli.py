@@ -1,5 +1,5 @@
-"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay``, ``schemas``
-and ``serve``."""
+"""The ``tagstream`` command line: ``run``, ``score``, ``produce``, ``replay``, ``profiles``,
+``schemas`` and ``serve``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("score", "score JSON-lines events from a file or stdin to stdout"),
     "produce": ("produce", "send input events to a topic"),
     "replay": ("replay", "send dead-lettered inputs back into the stream"),
+    "profiles": ("profiles", "set, delete and list the label profiles of the control topic"),
     "schemas": ("schemas", "write the JSON Schema files of the event contract"),
     "serve": ("serve", "score over HTTP on the same micro-batcher: POST /v1/classify"),
 }

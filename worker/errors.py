@@ -81,12 +81,36 @@ class EventTooCostlyError(ValidateError):
         )
 
 
+class UnknownProfileError(ValidateError):
+    """The event names a label profile the control topic does not hold (or there is none)."""
+
+    def __init__(self, name: str, control_topic: str | None) -> None:
+        where = (
+            f"the control topic {control_topic} holds no such profile"
+            if control_topic
+            else "no control topic is configured (TAGSTREAM_CONTROL_TOPIC)"
+        )
+        super().__init__(f"profile: unknown profile {name[:100]!r}: {where}", fields=("profile",))
+
+
 class ScoresError(TagstreamError, ValueError):
     """Scores that break the output contract; the event goes to the dead-letter topic."""
 
 
 class HypothesisTooLongError(TagstreamError, ValueError):
     """The hypothesis alone leaves no room for the premise within the model's maximum length."""
+
+
+# -- one control record (rejected with a warning, never applied) ----------------------------
+
+
+class ProfileError(TagstreamError, ValueError):
+    """A label-profile control record that breaks the profile contract; ``reason`` is the
+    metric label (``key``, ``too_large``, ``json``, ``invalid``, ``too_many``)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # -- the running worker (exit code 3) --------------------------------------------------------

@@ -174,12 +174,6 @@ def test_workers_joining_and_leaving_keep_the_ledger_exact(
 # -- the broker goes away -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="known issue: after the restart the worker loses its partitions, is assigned them "
-    "again and then makes no progress (and does not exit on SIGTERM); under investigation. "
-    "Not run: it fails after its full 3-minute timeout (run it with --runxfail)",
-    run=False,
-)
 def test_a_broker_restart_mid_stream_keeps_the_ledger_exact(harness: Harness) -> None:
     if not harness.kafka.managed:
         pytest.skip("needs the session's own broker (unset TAGSTREAM_TEST_BOOTSTRAP)")
@@ -201,17 +195,13 @@ def test_a_broker_restart_mid_stream_keeps_the_ledger_exact(harness: Harness) ->
     assert len(report.inputs) == first_half + second_half, detail
     poison = _poison_count(first_half) + _poison_count(second_half)
     assert sum(count_by_stage(report).values()) == poison, detail
+    hung = len(worker.lines("hung past its timeout"))
+    print(f"\nbroker restart: {hung} producer(s) abandoned inside a hung call")
 
 
 # -- records the broker refuses inside a transaction --------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="known issue: after the broker rejects a record inside a transaction (INVALID_RECORD, "
-    "OUT_OF_ORDER_SEQUENCE_NUMBER follows), records of later aborted transactions became "
-    "visible to read_committed readers (librdkafka 2.16 + Kafka 4.4); see README",
-    strict=False,
-)
 def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     harness: Harness,
 ) -> None:
@@ -227,7 +217,9 @@ def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     )
     events, keyless_every = 600, 97
     # A compacted output refuses records without a key: each such output makes its
-    # transaction abortable; the replay dead-letters the input (stage produce) instead.
+    # transaction abortable (its neighbours in the request fail with it); the replay sends
+    # each suspect alone, inside the transaction, and then dead-letters the culprit's input
+    # (stage produce). A suspect written outside the transaction would be a duplicate here.
     records = [
         (None, value) if index % keyless_every == 0 else (key, value)
         for index, (key, value) in enumerate(_stream(events))
@@ -241,8 +233,11 @@ def test_outputs_the_broker_rejects_abort_once_then_dead_letter_their_inputs(
     detail = report.describe() + worker.output()
     assert report.clean, detail
     assert report.duplicates == 0, detail
+    assert len(report.inputs) == events, detail
+    assert len(report.outputs) + len(report.dead_letters) == events, detail
     stages = count_by_stage(report)
     assert stages["produce"] == keyless, (stages, detail)
+    assert sum(stages.values()) == _poison_count(events) + keyless, (stages, detail)
     assert worker.lines("transaction aborted"), detail
 
 

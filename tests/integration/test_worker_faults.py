@@ -30,6 +30,8 @@ from tests.support.worker_process import (
 STREAM_SLEEP_MS = 25
 STREAM_BATCH_SIZE = 16
 # The broker's minimum session timeout: a killed member is noticed after 6 s, not 45 s.
+# Past the fast session timeout and a rejoin, well inside the ledger's wait.
+REJOIN_TIMEOUT_S = 30
 FAST_SESSION = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 # Per-batch sleep in the rebalance test: the stream outlasts two rebalances.
 REBALANCE_SLEEP_MS = 60
@@ -196,7 +198,8 @@ def test_the_worker_recovers_from_a_broker_restart(harness: Harness) -> None:
     first_half, second_half = range(1000), range(1000, 1600)
     pipeline.produce(harness.producer(), (good_event(i) for i in first_half))
 
-    worker = harness.start(_stream_env(pipeline))
+    # A consumer that stops rejoining after the restart is replaced well inside the wait.
+    worker = harness.start(_stream_env(pipeline, rejoin_timeout_s=REJOIN_TIMEOUT_S))
     wait_for_outputs(pipeline, 300)
     harness.kafka.restart()
     pipeline.produce(harness.producer(), (good_event(i) for i in second_half))
@@ -207,7 +210,8 @@ def test_the_worker_recovers_from_a_broker_restart(harness: Harness) -> None:
 
     assert report.clean, report.describe()
     assert len(report.inputs) == len(first_half) + len(second_half)
-    print(f"\nbroker restart: duplicates {report.duplicates}")
+    replaced = len(worker.lines("replacing the consumer"))
+    print(f"\nbroker restart: duplicates {report.duplicates}, consumers replaced {replaced}")
 
 
 # -- a slow model -------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.kafka.consumer import CommitOutcome, CommitResult, RebalanceListener
-from worker.kafka.errors import ClientError, ErrorKind, TxnError
+from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError
 from worker.kafka.producer import ClientErrorHook, DeliveryReport
 from worker.kafka.records import InputRecord, OutHeaders, PartitionKey
 
@@ -29,8 +29,10 @@ def rebalance_in_progress() -> ClientError:
     )
 
 
-def record(topic: str, partition: int, offset: int, value: bytes) -> InputRecord:
-    return InputRecord(topic, partition, offset, None, value, (), 1_700_000_000_000 + offset)
+def record(
+    topic: str, partition: int, offset: int, value: bytes, key: bytes | None = None
+) -> InputRecord:
+    return InputRecord(topic, partition, offset, key, value, (), 1_700_000_000_000 + offset)
 
 
 @dataclass
@@ -116,6 +118,12 @@ class FakeConsumer:
             self.generations[key] = self.generation(key) + 1
         return None
 
+    def abandon(self, wait_s: float) -> bool:
+        """Close without the listener hearing of it (a consumer being replaced)."""
+        self.listener = None
+        self.close()
+        return True
+
     def close(self) -> None:
         if self.revoke_on_close and self.assigned and self.listener is not None:
             self.listener.on_revoked(list(self.assigned))
@@ -176,9 +184,15 @@ class FakeProducer:
     auto_ack: bool = True
     # Topics whose records the "broker" refuses, with the error it reports.
     refuse: dict[str, ClientError] = field(default_factory=dict)
+    # Topics that refuse a record without a key (a compacted topic), with the error. As a
+    # broker judges a whole produce request, every record acknowledged in the same
+    # :meth:`ack_all` for that topic is refused with it.
+    refuse_keyless: dict[str, ClientError] = field(default_factory=dict)
     in_flight: list[Sent] = field(default_factory=list)
     written: list[Sent] = field(default_factory=list)
     closed: bool = False
+    # The waits of each abandon() (a producer being replaced closes on its own thread).
+    abandon_waits: list[float] = field(default_factory=list)
     # librdkafka's local queue size: produce() raises BufferError while it is full.
     capacity: int | None = None
     # produce() runs on the inference thread too: librdkafka is thread-safe, so is this.
@@ -192,6 +206,8 @@ class FakeProducer:
     pending: list[Sent] = field(default_factory=list)
     committed: list[Sent] = field(default_factory=list)
     purged: bool = False
+    # Set once a transactional call returned a hang (TxnAction.STUCK), as the real one is.
+    stuck: bool = False
 
     def produce(
         self,
@@ -217,11 +233,22 @@ class FakeProducer:
     def close(self) -> None:
         self.closed = True
 
+    def abandon(self, wait_s: float) -> bool:
+        self.abandon_waits.append(wait_s)
+        self.close()
+        return True
+
     def ack_all(self) -> None:
         with self.lock:
             sent, self.in_flight = self.in_flight, []
+        # One "produce request" per topic: a keyless record fails all of them.
+        failed_requests = {
+            item.topic: self.refuse_keyless[item.topic]
+            for item in sent
+            if item.key is None and item.topic in self.refuse_keyless
+        }
         for item in sent:
-            refusal = self.refuse.get(item.topic)
+            refusal = self.refuse.get(item.topic) or failed_requests.get(item.topic)
             if refusal is None:
                 self.written.append(item)
                 self.pending.append(item)
@@ -233,7 +260,9 @@ class FakeProducer:
         self.txn_calls.append(name)
         errors = self.txn_errors.get(name)
         if errors:
-            return errors.popleft()
+            error = errors.popleft()
+            self.stuck = self.stuck or error.action is TxnAction.STUCK
+            return error
         return None
 
     def init_transactions(self, timeout_s: float) -> TxnError | None:
@@ -282,18 +311,27 @@ class FakeClients:
 
     auto_ack: bool = True
     consumer: FakeConsumer | None = None
+    # Every consumer built, in order (the worker replaces one that stopped rejoining).
+    consumers: list[FakeConsumer] = field(default_factory=list)
     producers: list[FakeProducer] = field(default_factory=list)
     # Shared by every producer built (the worker's one-record-per-request producer too).
     refuse: dict[str, ClientError] = field(default_factory=dict)
+    refuse_keyless: dict[str, ClientError] = field(default_factory=dict)
 
     def make_consumer(
         self, config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
     ) -> FakeConsumer:
         self.consumer = FakeConsumer(on_commit, incremental)
+        self.consumers.append(self.consumer)
         return self.consumer
 
     def make_producer(self, config: Mapping[str, Any], on_error: ClientErrorHook) -> FakeProducer:
-        producer = FakeProducer(on_error, auto_ack=self.auto_ack, refuse=self.refuse)
+        producer = FakeProducer(
+            on_error,
+            auto_ack=self.auto_ack,
+            refuse=self.refuse,
+            refuse_keyless=self.refuse_keyless,
+        )
         self.producers.append(producer)
         return producer
 
@@ -305,3 +343,50 @@ class FakeClients:
     def input(self) -> FakeConsumer:
         assert self.consumer is not None
         return self.consumer
+
+
+@dataclass
+class FakeControlConsumer:
+    """The control topic's reader (:class:`worker.pipeline.profiles.ControlConsumer`): the
+    test appends records to :attr:`log`; once assigned, polls return them in order."""
+
+    topic: str = "profiles"
+    partition_count: int | None = 1
+    log: dict[int, list[InputRecord]] = field(default_factory=dict)
+    positions: dict[PartitionKey, int] = field(default_factory=dict)
+    closed: bool = False
+
+    def append(
+        self, key: str | bytes | None, value: bytes | None, partition: int = 0
+    ) -> InputRecord:
+        """Write one control record; returns it (its offset is the profile version)."""
+        entries = self.log.setdefault(partition, [])
+        raw_key = key.encode() if isinstance(key, str) else key
+        entry = InputRecord(self.topic, partition, len(entries), raw_key, value, (), None, 1)
+        entries.append(entry)
+        return entry
+
+    def partitions(self, topic: str, timeout_s: float) -> list[int] | None:
+        if topic != self.topic or self.partition_count is None:
+            return None
+        return list(range(self.partition_count))
+
+    def watermarks(self, key: PartitionKey, timeout_s: float) -> tuple[int, int]:
+        return 0, len(self.log.get(key[1], []))
+
+    def assign_from_beginning(self, keys: Sequence[PartitionKey]) -> None:
+        self.positions = dict.fromkeys(keys, 0)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
+        polled: list[InputRecord] = []
+        for key, position in self.positions.items():
+            entries = self.log.get(key[1], [])[position : position + max_records - len(polled)]
+            polled += entries
+            self.positions[key] = position + len(entries)
+        return polled
+
+    def position(self, keys: Sequence[PartitionKey]) -> dict[PartitionKey, int | None]:
+        return {key: self.positions.get(key) for key in keys}
+
+    def close(self) -> None:
+        self.closed = True

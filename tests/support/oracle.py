@@ -14,7 +14,15 @@ from typing import Any, Final
 import orjson
 
 from worker.contract.codec import TaggingOptions, as_utc, select_tags
-from worker.contract.events import InputEvent, ModelRef, NliProbs, ScoredEvent, Source
+from worker.contract.events import (
+    InputEvent,
+    ModelRef,
+    NliProbs,
+    ProfileRef,
+    ScoredEvent,
+    Source,
+)
+from worker.contract.profiles import Profile
 from worker.contract.scorer import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
 
 # 'Z' instead of '+00:00' for UTC, and a naive datetime is taken to be UTC (as the codec).
@@ -60,6 +68,7 @@ def build_scored_event(  # noqa: PLR0917
     tagging: TaggingOptions,
     model: ModelInfo,
     scored_at: datetime,
+    profile: Profile | None = None,
 ) -> ScoredEvent:
     """The output record of one scored event; pydantic checks the scorer's output (a
     ValidationError for scores outside 0..1, say). ``source`` and the model reference are
@@ -70,7 +79,7 @@ def build_scored_event(  # noqa: PLR0917
         source=source,
         labels=list(scores.labels),
         scores=list(scores.scores),
-        tags=select_tags(scores, request.multi_label, tagging),
+        tags=select_tags(scores, request.multi_label, tagging if profile is None else profile),
         multi_label=request.multi_label,
         hypothesis_template=request.hypothesis_template,
         truncated=scores.truncated,
@@ -78,13 +87,16 @@ def build_scored_event(  # noqa: PLR0917
         metadata=event.metadata,
         scored_at=as_utc(scored_at),
         nli=None if nli is None else _nli_probs(scores.labels, nli),
+        profile=None if profile is None else ProfileRef(name=profile.name, version=profile.version),
+        chunks_read=scores.chunks,
     )
 
 
 def encode_scored_event(event: ScoredEvent) -> bytes:
-    """Compact JSON bytes of a scored event; ``nli`` is left out when absent.
+    """Compact JSON bytes of a scored event; ``nli``, ``profile`` and ``chunks_read`` are left
+    out when absent.
 
-    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli))``, written from
+    The same bytes as ``orjson.dumps(event.model_dump(exclude_none_nli_and_chunks))``, written from
     the attributes directly: ``model_dump`` costs several times the encoding itself.
     """
     source, model = event.source, event.model
@@ -115,4 +127,8 @@ def encode_scored_event(event: ScoredEvent) -> bytes:
             }
             for label, probs in event.nli.items()
         }
+    if event.profile is not None:
+        document["profile"] = {"name": event.profile.name, "version": event.profile.version}
+    if event.chunks_read is not None:
+        document["chunks_read"] = event.chunks_read
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

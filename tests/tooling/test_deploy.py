@@ -35,8 +35,11 @@ HELM_TIMEOUT_S = 60
 
 Manifest = dict[str, Any]
 
-# The public environment interface of the worker (issue 4 and 5) plus HF_HOME.
+# The public environment interface of the worker (issue 4 and 5), HF_HOME, and the
+# OpenTelemetry collector endpoint (tracing).
 PUBLIC_ENV = {
+    "TAGSTREAM_TRACING",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
     "TAGSTREAM_PROCESSING_GUARANTEE",
     "TAGSTREAM_TRANSACTION_TIMEOUT_MS",
     "TAGSTREAM_TRANSACTIONAL_ID",
@@ -52,11 +55,17 @@ PUBLIC_ENV = {
     "TAGSTREAM_MULTI_LABEL",
     "TAGSTREAM_THRESHOLD",
     "TAGSTREAM_HYPOTHESIS_TEMPLATE",
+    "TAGSTREAM_CONTROL_TOPIC",
     "TAGSTREAM_MAX_BATCH_SIZE",
     "TAGSTREAM_MAX_WAIT_MS",
     "TAGSTREAM_MAX_BATCH_TOKENS",
     "TAGSTREAM_DEVICE",
     "TAGSTREAM_DTYPE",
+    "TAGSTREAM_LONG_TEXT",
+    "TAGSTREAM_CHUNK_TOKENS",
+    "TAGSTREAM_CHUNK_OVERLAP_TOKENS",
+    "TAGSTREAM_MAX_CHUNKS",
+    "TAGSTREAM_CHUNK_AGGREGATION",
     "TAGSTREAM_METRICS_PORT",
     "TAGSTREAM_LOG_FORMAT",
     "TAGSTREAM_LOG_LEVEL",
@@ -609,6 +618,26 @@ def worker_settings(
     return load_run_settings(), ObservabilitySettings()
 
 
+def test_tracing_values_reach_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = config(render())
+    assert not {"TAGSTREAM_TRACING", "OTEL_EXPORTER_OTLP_ENDPOINT"} & set(default)
+    endpoint = "http://otel-collector.observability:4318"
+    env = config(render(*sets("tracing.enabled=true", f"tracing.otlpEndpoint={endpoint}")))
+    assert env["TAGSTREAM_TRACING"] == "true"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    run, _ = worker_settings(dict(env), monkeypatch)
+    assert run.tracing.enabled(env)
+    # The endpoint alone turns tracing on as well (the worker reads the variable).
+    only_endpoint = config(render(*sets(f"tracing.otlpEndpoint={endpoint}")))
+    assert "TAGSTREAM_TRACING" not in only_endpoint
+    run, _ = worker_settings(dict(only_endpoint), monkeypatch)
+    assert run.tracing.enabled(only_endpoint)
+
+
+def test_a_tracing_endpoint_that_is_not_a_url_is_refused() -> None:
+    assert "otlpEndpoint" in render_error(*sets("tracing.otlpEndpoint=collector:4318"))
+
+
 def test_the_worker_accepts_the_chart_settings(
     docs: list[Manifest], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -620,6 +649,15 @@ def test_the_worker_accepts_the_chart_settings(
     assert run.kafka.group_id == env["TAGSTREAM_GROUP_ID"]
     assert run.shutdown.shutdown_timeout_s == float(env["TAGSTREAM_SHUTDOWN_TIMEOUT_S"])
     assert observability.metrics_port == int(env["TAGSTREAM_METRICS_PORT"])
+
+
+def test_the_control_topic_is_set_only_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "TAGSTREAM_CONTROL_TOPIC" not in config(render())
+    env = config(render("--set", "tagging.controlTopic=tagstream.profiles"))
+    assert env["TAGSTREAM_CONTROL_TOPIC"] == "tagstream.profiles"
+    run, _ = worker_settings(env, monkeypatch)
+    assert run.profiles.control_topic == "tagstream.profiles"
+    assert "controlTopic" in render_error("--set", "tagging.controlTopic=not a topic")
 
 
 def test_the_gpu_is_requested_and_limited() -> None:

@@ -1,5 +1,6 @@
 """The pure helpers of ``bench/pipeline.py`` and ``bench/common.py``: input events of a given
-size, the Prometheus text parser, the inference busy fraction."""
+size, the Prometheus text parser, the inference busy fraction, and the latency helpers
+(``bench/latency.py``) the pipeline bench shares."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from bench.common import (
     event,
     metric_value,
 )
-from bench.pipeline import BusySample, busy_fraction
+from bench.latency import Phase, phase_latencies
+from bench.pipeline import BusySample, Result, busy_fraction, latency_rate
 from worker.config.settings import TaggingSettings
 from worker.contract.codec import decode_input, to_request
 from worker.scoring.noop import NoopScorer
@@ -97,3 +99,28 @@ def test_busy_fraction_of_a_short_run_and_without_samples() -> None:
     assert busy.fraction == pytest.approx(0.5)
     assert busy_fraction(short[:1], 50) is None
     assert busy_fraction([], 50) is None
+
+
+def test_phase_latencies_keep_each_phase_after_its_warm_up_sorted() -> None:
+    phases = [Phase(0.5, 100.0, 1_000, 5_000, 400), Phase(0.75, 150.0, 6_000, 9_000, 450)]
+    samples = [
+        (1_500, 1_600),  # inside the first phase's warm-up: left out
+        (3_000, 3_250),
+        (2_500, 2_520),
+        (5_500, 5_600),  # between the phases: left out
+        (8_000, 8_090),
+    ]
+    assert phase_latencies(samples, phases, warmup_s=1.0) == [[20.0, 250.0], [90.0]]
+
+
+def _measured(scenario: str, events_per_s: float) -> Result:
+    return Result(scenario, 10, 10, 0, 0, 1.0, events_per_s, None, 0)
+
+
+def test_the_latency_rate_is_a_share_of_the_slower_mode_unless_given() -> None:
+    results = [_measured("ceiling", 30_000.0), _measured("noop", 9_000.0)]
+    results.append(_measured("noop-eos", 8_000.0))
+    assert latency_rate(results, 0.5, None) == pytest.approx(4_000.0)
+    assert latency_rate(results, 0.5, 1_234.0) == 1_234.0
+    with pytest.raises(SystemExit, match="latency-rate"):
+        latency_rate(results[:1], 0.5, None)

@@ -8,8 +8,10 @@ file (see :mod:`worker.config.loading`). Every setting has a flag named after it
 Start-up, in order: logging (so that every later line, errors included, is structured),
 the settings, the start-up line with the effective settings (secrets masked), the
 ``/metrics`` ``/healthz`` ``/readyz`` server (so probes get answers while the model loads),
-the topic check, the model, one warm-up batch (then ``/readyz`` only waits for the group),
-and the worker loop.
+the topic check (output, dead-letter and control topics), the model, one warm-up batch,
+the worker loop, which first reads the label profiles of the control topic to its end
+(``TAGSTREAM_CONTROL_TOPIC``, when set) and then joins the group; ``/readyz`` waits for all
+of them.
 
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a second signal cut the
 stop short, 2 for an invalid or missing setting (the message names it), a missing topic
@@ -25,6 +27,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final, get_args
@@ -51,6 +54,7 @@ from worker.observability.logs import bind_process_context, configure_logging
 from worker.observability.redaction import redacted_settings, register_settings_secrets
 from worker.observability.setup import Observability, start_observability
 from worker.pipeline.inference import warm_up
+from worker.pipeline.tracing import Tracer
 from worker.pipeline.worker import Worker
 from worker.scoring.factory import build_scorer
 
@@ -185,21 +189,63 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
     bind_process_context(group=settings.kafka.group_id)
     log.info("worker starting", settings=redacted_settings(settings))
     try:
+        tracer = start_tracer(settings)
+    except _StartUpError as exc:
+        return exc.exit_code
+    try:
         obs = start_observability(
             settings.observability, max_batch_size=settings.batch.max_batch_size
         )
     except ObservabilityServerError as exc:
         return _usage_error(f"{env_name('metrics_port')}: {exc}")
     try:
-        return _serve(settings, obs, worker_id, signals)
+        return _serve(settings, obs, worker_id, signals, tracer)
     finally:
         obs.close()
+        tracer.close()
 
 
-def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals) -> int:
+def start_tracer(settings: RunSettings, environ: Mapping[str, str] = os.environ) -> Tracer:
+    """The worker's tracer: the no-op one unless tracing is on, then OpenTelemetry's, imported
+    only now. Without the ``otel`` extra, ``TAGSTREAM_TRACING=true`` stops start-up (exit 2);
+    an endpoint alone only warns (it may be set for every pod of a cluster)."""
+    tracing = settings.tracing
+    if not tracing.enabled(environ):
+        return Tracer()
+    try:
+        from worker.observability.tracing import start_tracing
+
+        tracer = start_tracing(
+            tracing,
+            group=settings.kafka.group_id,
+            max_batch_size=settings.batch.max_batch_size,
+        )
+    except ImportError as exc:
+        message = (
+            f"{env_name('tracing')}: tracing needs the otel extra "
+            f"(pip install 'tagstream[otel]'): {exc}"
+        )
+        if tracing.explicit:
+            raise _StartUpError(_usage_error(message)) from exc
+        log.warning("tracing off: " + message, endpoint_set=True)
+        return Tracer()
+    log.info(
+        "tracing on",
+        exporter=tracing.tracing_exporter,
+        endpoint=environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
+    return tracer
+
+
+def _serve(
+    settings: RunSettings, obs: Observability, worker_id: str, signals: _Signals, tracer: Tracer
+) -> int:
     """Everything after the observability server is up: topics, model, warm-up, the loop."""
     kafka = settings.kafka
     topics = [kafka.output_topic, kafka.dead_letter_topic]
+    if settings.profiles.control_topic is not None:
+        topics.append(settings.profiles.control_topic)
     missing = missing_topics(
         kafka,
         topics,
@@ -208,7 +254,9 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
     )
     if missing:
         return _usage_error(f"topic(s) do not exist: {', '.join(missing)}")
-    _report_topics(kafka, topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config()))
+    configs = topic_configs(kafka, topics, TOPIC_CHECK_TIMEOUT_S, obs.client_config())
+    _report_topics(kafka, configs)
+    _report_control_topic(settings.profiles.control_topic, configs)
     try:
         scorer = _load_scorer(settings, obs)
     except _StartUpError as exc:
@@ -222,6 +270,7 @@ def _serve(settings: RunSettings, obs: Observability, worker_id: str, signals: _
         obs.observer,
         client_config=obs.client_config(),
         consumer_config=obs.consumer_config(),
+        tracer=tracer,
     )
     handoff = worker.handoff
     obs.metrics.track_in_flight(lambda: handoff.in_flight)
@@ -261,6 +310,21 @@ def _report_topics(kafka: KafkaSettings, configs: dict[str, dict[str, str]]) -> 
             "output topic is compacted: the broker rejects a scored event without a key, "
             "and its input is dead-lettered (stage produce)",
             topic=kafka.output_topic,
+            cleanup_policy=policy,
+        )
+
+
+def _report_control_topic(topic: str | None, configs: dict[str, dict[str, str]]) -> None:
+    """A control topic that is not compacted loses deleted and old profiles only to
+    retention, and the oldest ones first: warn, the worker still reads what is there."""
+    if topic is None:
+        return
+    policy = configs.get(topic, {}).get(CLEANUP_POLICY)
+    if policy is not None and "compact" not in policy:
+        log.warning(
+            "control topic is not compacted: retention may delete profiles still in force, "
+            "and a worker that starts after that does not know them",
+            topic=topic,
             cleanup_policy=policy,
         )
 

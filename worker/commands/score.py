@@ -33,7 +33,13 @@ from worker.config.settings import ModelSettings, TaggingSettings
 from worker.contract.codec import decode_input, encode_output, to_request
 from worker.contract.events import EventFields
 from worker.contract.scorer import ScoreError, Scorer, ScoreRequest
-from worker.errors import ConfigError, EventError, ScorerConfigError, ScoresError
+from worker.errors import (
+    ConfigError,
+    EventError,
+    ScorerConfigError,
+    ScoresError,
+    UnknownProfileError,
+)
 from worker.exit_codes import EXIT_OK, EXIT_USAGE
 from worker.observability.logs import configure_logging
 from worker.scoring.factory import build_scorer
@@ -54,6 +60,8 @@ MODEL_FLAGS: Final = {
     "device": "device",
     "dtype": "dtype",
     "max_batch_tokens": "max_batch_tokens",
+    "long_text": "long_text",
+    "max_chunks": "max_chunks",
 }
 TAGGING_FLAGS: Final = {
     "labels": "labels",
@@ -89,8 +97,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
     parser.add_argument("--scorer", help="'nli', 'embedding' or 'module:attribute'")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--dtype", help="auto, float32, float16, bfloat16 or int8 (CPU only)")
     parser.add_argument("--max-batch-tokens", type=int, help="token budget of a forward pass")
+    parser.add_argument(
+        "--long-text", help="truncate, or chunk: read long texts in overlapping token windows"
+    )
+    parser.add_argument("--max-chunks", type=int, help="chunk mode: windows scored per event")
     parser.add_argument(
         "--include-nli-probs",
         action="store_const",
@@ -157,6 +169,8 @@ class _Run:
     def prepare(self, line: int, raw: bytes) -> _Pending | None:
         try:
             event = decode_input(raw, self.tagging)
+            if event.profile is not None:  # no control topic here: as a worker without one
+                raise UnknownProfileError(event.profile, None)
             return _Pending(line, event, to_request(event, self.tagging))
         except EventError as exc:
             self.report(line, exc.stage, str(exc))

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from worker.config.observability import ObservabilitySettings
+from worker.config.observability import ObservabilitySettings, TracingSettings
 from worker.config.settings import (
     ENV_PREFIX,
     BatchSettings,
@@ -36,6 +36,7 @@ from worker.config.settings import (
     DeliverySettings,
     KafkaSettings,
     ModelSettings,
+    ProfileSettings,
     ShutdownSettings,
     TaggingSettings,
 )
@@ -56,6 +57,8 @@ class RunSettings:
     circuit: CircuitSettings
     shutdown: ShutdownSettings
     observability: ObservabilitySettings
+    profiles: ProfileSettings
+    tracing: TracingSettings
 
 
 # The classes that make up RunSettings, by RunSettings field name. Every setting name is
@@ -70,6 +73,8 @@ SECTIONS: dict[str, type[BaseSettings]] = {
     "circuit": CircuitSettings,
     "shutdown": ShutdownSettings,
     "observability": ObservabilitySettings,
+    "profiles": ProfileSettings,
+    "tracing": TracingSettings,
 }
 
 
@@ -176,4 +181,6 @@ def load_run_settings(
         circuit=build_section(CircuitSettings, file_values, given),
         shutdown=build_section(ShutdownSettings, file_values, given),
         observability=build_section(ObservabilitySettings, file_values, given),
+        profiles=build_section(ProfileSettings, file_values, given),
+        tracing=build_section(TracingSettings, file_values, given),
     )

@@ -1,4 +1,5 @@
-"""Settings of the metrics/health HTTP server and of logging, from ``TAGSTREAM_*`` variables.
+"""Settings of the metrics/health HTTP server, of logging and of tracing, from ``TAGSTREAM_*``
+variables.
 
 Kept apart from :mod:`worker.config.settings` so that logging can be configured before anything
 else is validated (a bad model setting is then reported as a proper log line).
@@ -6,6 +7,7 @@ else is validated (a bad model setting is then reported as a proper log line).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -22,7 +24,14 @@ MAX_PORT = 65_535
 # a real hang. GPU deployments can lower it (TAGSTREAM_HEALTH_STALE_AFTER_S).
 DEFAULT_HEALTH_STALE_AFTER_S = 120.0
 
+# The OpenTelemetry variables that name a collector; either one set turns tracing on unless
+# TAGSTREAM_TRACING says otherwise (the OTLP exporter reads them itself).
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
 LogFormat = Literal["auto", "json", "console"]
+# otlp: spans go to the OTLP/HTTP collector named by OTEL_EXPORTER_OTLP_ENDPOINT; none:
+# spans are made and their context propagated in the records' headers, but not exported.
+TracingExporter = Literal["otlp", "none"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
@@ -58,4 +67,40 @@ class ObservabilitySettings(BaseSettings):
     @field_validator("log_format", mode="before")
     @classmethod
     def _lower_format(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class TracingSettings(BaseSettings):
+    """OpenTelemetry tracing (needs the ``otel`` extra). The exporter itself is configured by
+    the standard ``OTEL_*`` variables (endpoint, headers, service name, sampler)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", validate_default=True, frozen=True
+    )
+
+    tracing: bool | None = Field(
+        default=None,
+        description="Trace every event (needs the otel extra); unset: on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
+    tracing_exporter: TracingExporter = Field(
+        default="otlp",
+        description="'otlp' (OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT) or 'none' (spans "
+        "propagated in headers, not exported).",
+    )
+
+    def enabled(self, environ: Mapping[str, str]) -> bool:
+        """Whether this worker traces: as set, else when a collector endpoint is named."""
+        if self.tracing is not None:
+            return self.tracing
+        return any(environ.get(name) for name in OTLP_ENDPOINT_VARIABLES)
+
+    @property
+    def explicit(self) -> bool:
+        """Tracing was asked for by ``TAGSTREAM_TRACING``, not only implied by an endpoint."""
+        return self.tracing is True
+
+    @field_validator("tracing_exporter", mode="before")
+    @classmethod
+    def _lower_exporter(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value

@@ -21,23 +21,37 @@ from worker.contract.events import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_METADATA_DEPTH,
     DEFAULT_MAX_TEXT_CHARS,
+    DEFAULT_THRESHOLD,
     check_labels,
     check_template,
 )
+from worker.contract.profiles import DEFAULT_MAX_PROFILE_RECORD_BYTES, DEFAULT_MAX_PROFILES
 
 ENV_PREFIX = "TAGSTREAM_"
 DEFAULT_MODEL = "facebook/bart-large-mnli"
 # Padded tokens per forward pass: ~16k keeps a bart-large activation footprint well under
 # 1 GiB in half precision while leaving enough rows per pass to saturate a modern GPU.
 DEFAULT_MAX_BATCH_TOKENS = 16_384
-DEFAULT_THRESHOLD = 0.5
 # One event costs the model at most four full forward passes at the default token budget:
 # enough for 100 labels on a 600-token text, and a cap on label x text amplification when
 # the other limits are raised.
 DEFAULT_MAX_EVENT_TOKENS = 4 * DEFAULT_MAX_BATCH_TOKENS
 
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")]
-Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+LongText = Literal["truncate", "chunk"]
+ChunkAggregation = Literal["max", "mean"]
+# Chunk mode: consecutive windows share this many tokens, so a sentence cut at one window's
+# edge is read whole by the next one (a long sentence is ~40 tokens; 64 leaves room).
+DEFAULT_CHUNK_OVERLAP_TOKENS = 64
+# The overlap may take at most 1/2 of a window: every window then reads at least half new
+# text, so TAGSTREAM_MAX_CHUNKS windows always cover at least that many half windows.
+MAX_OVERLAP_DIVISOR = 2
+# Chunk mode: at most 4 windows per event. With 1,024-token windows that reads ~16,000
+# characters of text, and 16 labels x 4 full windows stay within DEFAULT_MAX_EVENT_TOKENS.
+DEFAULT_MAX_CHUNKS = 4
+# dtype=int8 quantizes on the CPU only: torch's dynamic int8 kernels have no CUDA or MPS version.
+CPU_ONLY_DTYPES = frozenset({"int8"})
 
 
 def split_csv(value: Any) -> Any:
@@ -69,8 +83,37 @@ class ModelSettings(_Base):
         description="'nli', 'embedding', or 'module:attr' import path of a scorer factory.",
     )
     device: Device = "auto"
-    dtype: Dtype = "auto"
+    dtype: Dtype = Field(
+        default="auto",
+        description="'int8': dynamic int8 quantization of the linear layers, CPU only.",
+    )
     max_batch_tokens: int = Field(default=DEFAULT_MAX_BATCH_TOKENS, ge=64)
+    long_text: LongText = Field(
+        default="truncate",
+        description="A text longer than the model reads: 'truncate' it, or 'chunk' it into "
+        "overlapping token windows scored separately (NLI scorer only).",
+    )
+    chunk_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Chunk mode: text tokens per window; 0 is as many as the model's maximum "
+        "leaves beside the event's longest hypothesis (never more).",
+    )
+    chunk_overlap_tokens: int = Field(
+        default=DEFAULT_CHUNK_OVERLAP_TOKENS,
+        ge=0,
+        description="Chunk mode: tokens consecutive windows share (at most half a window).",
+    )
+    max_chunks: int = Field(
+        default=DEFAULT_MAX_CHUNKS,
+        ge=1,
+        description="Chunk mode: windows scored per event; the rest of a longer text is not "
+        "read and the scored event says truncated.",
+    )
+    chunk_aggregation: ChunkAggregation = Field(
+        default="max",
+        description="Chunk mode: a label's score over the windows, 'max' or 'mean'.",
+    )
     allow_pickle: bool = Field(
         default=False, description="Allow loading non-safetensors (pickle) weights."
     )
@@ -82,6 +125,27 @@ class ModelSettings(_Base):
         if value in ("nli", "embedding") or ":" in value:
             return value
         raise ValueError("scorer must be 'nli', 'embedding' or a 'module:attribute' path")
+
+    @model_validator(mode="after")
+    def _cpu_only_dtype(self) -> ModelSettings:
+        if self.dtype in CPU_ONLY_DTYPES and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"TAGSTREAM_DTYPE={self.dtype} runs on the CPU only; set TAGSTREAM_DEVICE=cpu "
+                f"(got {self.device!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _chunk_overlap(self) -> ModelSettings:
+        if (
+            self.chunk_tokens
+            and self.chunk_overlap_tokens * MAX_OVERLAP_DIVISOR > self.chunk_tokens
+        ):
+            raise ValueError(
+                f"TAGSTREAM_CHUNK_OVERLAP_TOKENS ({self.chunk_overlap_tokens}) may be at most "
+                f"half of TAGSTREAM_CHUNK_TOKENS ({self.chunk_tokens})"
+            )
+        return self
 
 
 class TaggingSettings(_Base):
@@ -154,6 +218,10 @@ class TaggingSettings(_Base):
 
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
 DEFAULT_GROUP_ID = "tagstream"
+# After its partitions were lost, a consumer that has no new assignment this long is
+# replaced: a healthy rejoin takes seconds, while librdkafka can keep waiting for good on a
+# group coordinator that restarted. Generous, so a slow rebalance is never cut short.
+DEFAULT_REJOIN_TIMEOUT_S = 120.0
 DEFAULT_CLIENT_ID = "tagstream"
 DLQ_SUFFIX = ".dlq"
 # 64 events fill a GPU forward pass for short texts without making one slow batch hold
@@ -271,6 +339,12 @@ class KafkaSettings(_Base):
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         default="earliest", description="Where a group without committed offsets starts."
+    )
+    rejoin_timeout_s: float = Field(
+        default=DEFAULT_REJOIN_TIMEOUT_S,
+        gt=0.0,
+        description="After its partitions were lost, a consumer with no new assignment this "
+        "long is replaced by a new one (once per loss).",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
@@ -422,6 +496,37 @@ class CircuitSettings(_Base):
         default=DEFAULT_CIRCUIT_MAX_OPEN_S,
         gt=0.0,
         description="A circuit open this long stops the worker (fatal exit).",
+    )
+
+
+# Reading a control topic of at most max_profiles small records takes well under a second;
+# a minute means the brokers do not answer, and a worker must not start without its labels.
+DEFAULT_CONTROL_LOAD_TIMEOUT_S = 60.0
+
+
+class ProfileSettings(_Base):
+    """Label profiles from a compacted control topic: where, and how much of it a worker
+    keeps."""
+
+    control_topic: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Compacted topic of label profiles (key: name, value: JSON); none: off.",
+    )
+    max_profiles: int = Field(
+        default=DEFAULT_MAX_PROFILES,
+        ge=1,
+        description="Most profiles a worker holds; a record for one more is rejected.",
+    )
+    max_profile_record_bytes: int = Field(
+        default=DEFAULT_MAX_PROFILE_RECORD_BYTES,
+        ge=64,
+        description="Largest control record value; a larger one is rejected.",
+    )
+    control_load_timeout_s: float = Field(
+        default=DEFAULT_CONTROL_LOAD_TIMEOUT_S,
+        gt=0.0,
+        description="Start-up: the control topic must be read to its end within this.",
     )
 
 

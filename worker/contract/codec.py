@@ -11,6 +11,7 @@ object that breaks the :class:`~worker.contract.events.InputEvent` contract).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -24,8 +25,10 @@ from worker.contract.events import (
     RecordCoordinates,
     check_labels,
     check_template,
+    is_profile_name,
     metadata_depth,
 )
+from worker.contract.profiles import Profile
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreRequest
 from worker.errors import DeserializeError, NoLabelsError, ScoresError, ValidateError
 
@@ -184,15 +187,17 @@ def fast_event(obj: dict[str, Any], tagging: TaggingOptions) -> DecodedEvent | N
     multi_label = obj.get("multi_label")
     template = obj.get("hypothesis_template")
     metadata = obj.get("metadata")
+    profile = obj.get("profile")
     if (
         (event_id is not None and type(event_id) is not str)
+        or (profile is not None and (type(profile) is not str or not is_profile_name(profile)))
         or (multi_label is not None and type(multi_label) is not bool)
         or (labels is not None and not _plain_labels(labels, limits))
         or (template is not None and not _plain_template(template))
         or (metadata is not None and not _plain_metadata(metadata, limits))
     ):
         return None
-    return DecodedEvent(text, event_id, labels, multi_label, template, metadata)
+    return DecodedEvent(text, event_id, labels, multi_label, template, metadata, profile)
 
 
 def _plain_labels(labels: Any, limits: _Limits) -> bool:
@@ -252,11 +257,21 @@ def decode_input(
     return fast_event(obj, tagging) or validate_event(obj, tagging)
 
 
-def to_request(event: EventFields, tagging: TaggingOptions) -> ScoreRequest:
-    """The scorer request of an event, with the configured defaults filled in.
+def to_request(
+    event: EventFields, tagging: TaggingOptions, profile: Profile | None = None
+) -> ScoreRequest:
+    """The scorer request of an event, with the defaults filled in: the event's own fields
+    first, then those of its label ``profile`` when one applies, else the settings.
 
     Raises :class:`NoLabelsError` when neither the event nor the settings give labels.
     """
+    if profile is not None:
+        return ScoreRequest(
+            event.text,
+            tuple(event.labels) if event.labels is not None else profile.labels,
+            profile.multi_label if event.multi_label is None else event.multi_label,
+            event.hypothesis_template or profile.hypothesis_template,
+        )
     labels = tuple(event.labels) if event.labels is not None else _default_labels(tagging)
     if not labels:
         raise NoLabelsError()
@@ -284,7 +299,18 @@ def _default_labels(tagging: TaggingOptions) -> tuple[str, ...]:
 _default_labels_cache: dict[int, tuple[list[str], tuple[str, ...]]] = {}
 
 
-def select_tags(scores: LabelScores, multi_label: bool, tagging: TaggingOptions) -> list[str]:
+class Thresholds(Protocol):
+    """Where tag thresholds come from: the settings (:class:`TaggingOptions`) or a label
+    profile (:class:`~worker.contract.profiles.Profile`)."""
+
+    @property
+    def threshold(self) -> float: ...
+
+    @property
+    def label_thresholds(self) -> Mapping[str, float]: ...
+
+
+def select_tags(scores: LabelScores, multi_label: bool, tagging: Thresholds) -> list[str]:
     """Labels that pass their threshold (multi-label), else the single top label.
 
     ``scores`` is sorted highest first, so the tags come out in score order.
@@ -358,10 +384,13 @@ def encode_output(  # noqa: PLR0917
     tagging: TaggingOptions,
     model: ModelInfo,
     scored_at: datetime,
+    profile: Profile | None = None,
 ) -> bytes:
     """The scored event's JSON bytes straight from its parts: the same bytes as
     ``encode_scored_event(build_scored_event(...))`` without building the pydantic
     objects (Source, ScoredEvent) on the way, which costs most of the time per event.
+    With a label ``profile``, its thresholds make the tags and ``profile`` names it and
+    its version.
 
     Raises :class:`ScoresError` for scores that break the contract (dead-letter them).
     """
@@ -379,7 +408,7 @@ def encode_output(  # noqa: PLR0917
         },
         "labels": labels,
         "scores": values,
-        "tags": select_tags(scores, request.multi_label, tagging),
+        "tags": select_tags(scores, request.multi_label, tagging if profile is None else profile),
         "multi_label": request.multi_label,
         "hypothesis_template": request.hypothesis_template,
         "truncated": bool(scores.truncated),
@@ -397,4 +426,8 @@ def encode_output(  # noqa: PLR0917
             for label in labels
             if (probs := nli.get(label)) is not None
         }
+    if profile is not None:
+        document["profile"] = {"name": profile.name, "version": profile.version}
+    if scores.chunks is not None:
+        document["chunks_read"] = int(scores.chunks)
     return orjson.dumps(document, option=_ORJSON_OPTIONS)

@@ -7,6 +7,7 @@ passed as pydantic validation context, so one model serves every configuration.
 from __future__ import annotations
 
 import functools
+import re
 import string
 from datetime import datetime
 from typing import Annotated, Any, NamedTuple, Protocol
@@ -37,6 +38,11 @@ TEMPLATE_PLACEHOLDER = "{}"
 # A hypothesis is one short sentence; 500 characters leave room for any real one, and bound
 # what every label of every event multiplies.
 MAX_TEMPLATE_CHARS = 500
+# A label is a tag when its score reaches this, unless a setting or a profile says otherwise.
+DEFAULT_THRESHOLD = 0.5
+# A profile name is an identifier that goes into every scored event: short, printable.
+MAX_PROFILE_NAME_CHARS = 100
+PROFILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Distinct templates parsed and remembered: a worker sees a handful, a hostile stream many.
 TEMPLATE_CACHE_SIZE = 1024
 
@@ -95,6 +101,22 @@ def check_template(template: str) -> str:
     return template
 
 
+def is_profile_name(name: str) -> bool:
+    """A label profile name: 1 to 100 ASCII letters, digits, ``.``, ``_`` and ``-``,
+    starting with a letter or a digit."""
+    return len(name) <= MAX_PROFILE_NAME_CHARS and PROFILE_NAME_PATTERN.fullmatch(name) is not None
+
+
+def check_profile_name(name: str) -> str:
+    """Raises ``ValueError`` for a name :func:`is_profile_name` refuses."""
+    if not is_profile_name(name):
+        raise ValueError(
+            f"a profile name is 1 to {MAX_PROFILE_NAME_CHARS} letters, digits, '.', '_' or "
+            "'-', starting with a letter or a digit"
+        )
+    return name
+
+
 def metadata_depth(value: Any, stop_past: int) -> int:
     """How deeply ``value`` nests lists and objects (a scalar is 0), counting no further
     than ``stop_past + 1``; iterative, so no input can exhaust the stack."""
@@ -149,6 +171,11 @@ class InputEvent(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None, description="Passed through unchanged to the scored event."
     )
+    profile: str | None = Field(
+        default=None,
+        description="Label profile from the control topic; 'default' (when it exists) "
+        "or the configured labels when absent.",
+    )
 
     @field_validator("text")
     @classmethod
@@ -193,6 +220,11 @@ class InputEvent(BaseModel):
     def _template(cls, value: str | None) -> str | None:
         return None if value is None else check_template(value)
 
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str | None) -> str | None:
+        return None if value is None else check_profile_name(value)
+
 
 class DecodedEvent(NamedTuple):
     """An input event as the pipeline carries it: the fields of :class:`InputEvent`, checked
@@ -208,6 +240,7 @@ class DecodedEvent(NamedTuple):
     multi_label: bool | None = None
     hypothesis_template: str | None = None
     metadata: dict[str, Any] | None = None
+    profile: str | None = None
 
     @classmethod
     def of(cls, event: InputEvent) -> DecodedEvent:
@@ -218,6 +251,7 @@ class DecodedEvent(NamedTuple):
             event.multi_label,
             event.hypothesis_template,
             event.metadata,
+            event.profile,
         )
 
 
@@ -260,6 +294,13 @@ class ModelRef(BaseModel):
     revision: str
 
 
+class ProfileRef(BaseModel):
+    """Which label profile, in which version, gave the labels, template and thresholds."""
+
+    name: str
+    version: int = Field(description="Offset of the control record that set the profile.")
+
+
 class NliProbs(BaseModel):
     """Per-label NLI class probabilities (neutral absent for 2-class models)."""
 
@@ -283,10 +324,23 @@ class ScoredEvent(BaseModel):
     )
     multi_label: bool
     hypothesis_template: str
-    truncated: bool = Field(description="True when the text was cut to fit the model.")
+    truncated: bool = Field(
+        description="True when part of the text was not read: cut to fit the model, or, in "
+        "chunk mode, past the cap on chunks per event."
+    )
     model: ModelRef
     metadata: dict[str, Any] | None = None
     scored_at: datetime = Field(description="When the event was scored, RFC 3339, UTC.")
     nli: dict[str, NliProbs] | None = Field(
         default=None, description="Per-label NLI probabilities when include_nli_probs is on."
+    )
+    profile: ProfileRef | None = Field(
+        default=None,
+        description="The label profile that applied; absent when the configured labels did.",
+    )
+    chunks_read: int | None = Field(
+        default=None,
+        ge=1,
+        description="Chunk mode (TAGSTREAM_LONG_TEXT=chunk): token windows of the text that "
+        "were scored; absent in truncate mode.",
     )

@@ -41,12 +41,18 @@ class NliProbabilities:
 
 
 class LabelScores(NamedTuple):
-    """Scores of one event, labels sorted by score, highest first."""
+    """Scores of one event, labels sorted by score, highest first.
+
+    ``truncated``: part of the text was not read (cut to the model's length, or past the
+    chunk cap). ``chunks``: the token windows of the text that were scored, when the scorer
+    reads long texts in chunks (``TAGSTREAM_LONG_TEXT=chunk``); ``None`` otherwise.
+    """
 
     labels: tuple[str, ...]
     scores: tuple[float, ...]
     truncated: bool
     nli: Mapping[str, NliProbabilities] | None = None
+    chunks: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

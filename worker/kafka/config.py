@@ -19,6 +19,10 @@ PRODUCER_LINGER_MS: Final = 5
 # seconds of input at the no-model worker's 4 KiB rate (8.9 MB/s) and keeps the process's
 # worst case near 50 MiB of records instead of 100.
 CONSUMER_QUEUED_MAX_KBYTES: Final = 16_384
+# The control topic holds at most a few MiB of small profile records: 4 MiB of prefetch
+# reads it in a few fetches without holding a second input-sized queue.
+CONTROL_QUEUED_MAX_KBYTES: Final = 4_096
+CONTROL_CLIENT_SUFFIX: Final = "-control"
 # Left at librdkafka's defaults, on purpose: fetch.min.bytes 1 (a fetch answers as soon as
 # anything is there; a larger minimum buys fewer requests with latency, and the worker is
 # bound by per-event Python work, not by requests) and no producer compression (the
@@ -73,6 +77,24 @@ def consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
             "isolation.level": "read_committed",
         }
     )
+    return config
+
+
+def control_consumer_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """The control topic reader's settings: it assigns every partition itself and never
+    joins a group or commits (the ``group.id`` only satisfies the client), so every worker
+    reads every record."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": f"{kafka.group_id}{CONTROL_CLIENT_SUFFIX}",
+        "client.id": f"{kafka.client_id}{CONTROL_CLIENT_SUFFIX}",
+        "auto.offset.reset": "earliest",
+        "queued.max.messages.kbytes": CONTROL_QUEUED_MAX_KBYTES,
+        **security_config(kafka),
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+    }
     return config
 
 

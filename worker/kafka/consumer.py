@@ -22,9 +22,17 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from worker.errors import KafkaFatalError
+from worker.kafka.closing import close_within
 from worker.kafka.errors import ClientError, client_error, fatal_error, is_fatal
 from worker.kafka.records import InputRecord, PartitionKey
 
@@ -94,6 +102,15 @@ class KafkaConsumer:
         self._listener = listener
         self._consumer.subscribe(
             list(topics), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+
+    def assign_from_beginning(self, keys: Sequence[PartitionKey]) -> None:
+        """Read these partitions from their first offset, outside any group (no join, no
+        commits: a reader that must see every record, such as the control topic's)."""
+        for key in keys:
+            self._generations[key] = self._generations.get(key, 0) + 1
+        self._consumer.assign(
+            [TopicPartition(topic, partition, OFFSET_BEGINNING) for topic, partition in keys]
         )
 
     def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
@@ -223,6 +240,13 @@ class KafkaConsumer:
             return {}
         found = self._consumer.position(_partitions(keys))
         return {(tp.topic, tp.partition): tp.offset if tp.offset >= 0 else None for tp in found}
+
+    def abandon(self, wait_s: float) -> bool:
+        """Close without the listener hearing of it, on a thread of its own, waiting at
+        most ``wait_s``: for a client being replaced, whose close may hang with it. False if
+        it did not finish in time; the client is then kept, never destroyed."""
+        self._listener = None
+        return close_within(self._consumer, self.close, wait_s, "tagstream-consumer-close")
 
     def close(self) -> None:
         """Leave the group (a static member stays until its session times out)."""

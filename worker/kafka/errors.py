@@ -80,6 +80,12 @@ _REJECTED_CODES: Final = frozenset(
 )
 
 
+# Refused only because another record of the same produce request was (librdkafka maps the
+# broker's per-record errors, KIP-467: the culprit gets INVALID_RECORD, its neighbours this):
+# the record itself is fine, so it is sent again and never dead-lettered.
+_NEIGHBOUR_REFUSED_CODES: Final = frozenset({KafkaError._INVALID_DIFFERENT_RECORD})
+
+
 def classify(error: KafkaError) -> ErrorKind:
     """Retriable, too large, rejected, or fatal. Unknown permanent errors count as fatal:
     retrying them forever would stall the partition, dead-lettering them could drop good
@@ -91,15 +97,22 @@ def classify(error: KafkaError) -> ErrorKind:
         return ErrorKind.TOO_LARGE
     if code in _REJECTED_CODES:
         return ErrorKind.REJECTED
-    if error.retriable() or code in _TRANSIENT_CODES:
+    if error.retriable() or code in _TRANSIENT_CODES or code in _NEIGHBOUR_REFUSED_CODES:
         return ErrorKind.RETRIABLE
     return ErrorKind.FATAL
 
 
 # A newer producer with the same transactional.id (or the coordinator, after a transaction
 # timeout) bumped the epoch: this producer can never write again, only a new one can.
+# INVALID_TXN_STATE (fatal in librdkafka) is the same case seen from EndTxn: a coordinator
+# that restarted past the transaction timeout had already ended the transaction itself.
 FENCED_CODES: Final = frozenset(
-    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.INVALID_TXN_STATE,
+    }
 )
 
 
@@ -114,6 +127,7 @@ class TxnAction(enum.Enum):
     ABORT = "abort"  # the transaction cannot commit: abort it and redo its work
     FENCED = "fenced"  # the producer is fenced: replace it, redo the work
     FATAL = "fatal"  # nothing helps (authorization, a broker without transactions): stop
+    STUCK = "stuck"  # the call overran its own timeout (a client hang): replace the producer
 
 
 def transaction_action(error: KafkaError) -> TxnAction:
@@ -141,6 +155,20 @@ class TxnError:
     name: str
     message: str
     action: TxnAction
+
+
+# The code of a :data:`TxnAction.STUCK` error (librdkafka's own codes are above -200).
+STUCK_CODE: Final = -1000
+
+
+def stuck_error(call: str, waited_s: float) -> TxnError:
+    """A transactional call that had not returned ``waited_s`` after it began."""
+    return TxnError(
+        STUCK_CODE,
+        "_STUCK",
+        f"{call} did not return within {waited_s:.1f} s, past its own timeout",
+        TxnAction.STUCK,
+    )
 
 
 def transaction_error(error: KafkaError) -> TxnError:

@@ -9,7 +9,9 @@
   draining helps no one.
 * ``/readyz`` (readiness): 200 only after :meth:`HealthState.mark_model_ready` (model loaded
   and warmed by one scored batch) and :meth:`HealthState.mark_joined` (consumer joined its
-  group); 503 again after :meth:`HealthState.mark_left` or :meth:`HealthState.mark_shutting_down`.
+  group), and, once :meth:`HealthState.mark_profiles_loading` was called (a control topic
+  is configured), after :meth:`HealthState.mark_profiles_loaded`; 503 again after
+  :meth:`HealthState.mark_left` or :meth:`HealthState.mark_shutting_down`.
 
 The HTTP server that serves these is :mod:`worker.observability.server`.
 """
@@ -66,6 +68,8 @@ class HealthState:
         self._model_ready = False
         # ``tagstream serve`` joins no consumer group: readiness is the model alone.
         self._joined = not needs_group
+        # True until a control topic starts loading: without one there is nothing to wait for.
+        self._profiles_loaded = True
         self._scorer_failing = False
         self._shutting_down = False
 
@@ -119,6 +123,16 @@ class HealthState:
         with self._lock:
             self._joined = True
 
+    def mark_profiles_loading(self) -> None:
+        """The control topic is being read at start-up: not ready until it is read."""
+        with self._lock:
+            self._profiles_loaded = False
+
+    def mark_profiles_loaded(self) -> None:
+        """The control topic was read to the end offsets it had at start-up."""
+        with self._lock:
+            self._profiles_loaded = True
+
     def mark_left(self) -> None:
         """The consumer lost its group membership (``on_lost``) or left it."""
         with self._lock:
@@ -166,8 +180,9 @@ class HealthState:
 
     def readiness(self) -> Check:
         with self._lock:
-            model_ready, joined, scorer_ok, shutting_down = (
+            model_ready, profiles, joined, scorer_ok, shutting_down = (
                 self._model_ready,
+                self._profiles_loaded,
                 self._joined,
                 not self._scorer_failing,
                 self._shutting_down,
@@ -176,7 +191,12 @@ class HealthState:
             return Check(ok=False, body={"status": "shutting_down"})
         waiting_for = [
             name
-            for name, done in (("model", model_ready), ("group", joined), ("scorer", scorer_ok))
+            for name, done in (
+                ("model", model_ready),
+                ("profiles", profiles),
+                ("group", joined),
+                ("scorer", scorer_ok),
+            )
             if not done
         ]
         if waiting_for:

@@ -73,6 +73,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from worker.contract.profiles import REJECT_REASONS
 from worker.contract.scorer import ModelInfo
 from worker.kafka.records import PartitionKey
 from worker.observability.gpu import GpuMemoryCollector, GpuMemoryProbe, torch_cuda_memory
@@ -122,7 +123,12 @@ TRANSACTION_ABORT_REASONS: tuple[str, ...] = (
     "commit_refused",
     "rebalance",
     "lost",
+    "stuck",
 )
+
+# worker/contract/profiles.py's REJECT_REASONS and the changes a control record makes.
+PROFILE_REJECT_REASONS: tuple[str, ...] = REJECT_REASONS
+PROFILE_CHANGE_KINDS: tuple[str, ...] = ("set", "deleted")
 
 RebalanceKind = Literal["assigned", "revoked", "lost"]
 REBALANCE_KINDS: tuple[RebalanceKind, ...] = ("assigned", "revoked", "lost")
@@ -223,6 +229,23 @@ class WorkerMetrics:
             ["kind"],
             registry=reg,
         )
+        self._profile_rejected = Counter(
+            metric_name("profile_records_rejected"),
+            "Control records rejected and not applied, by reason (key, too_large, json, "
+            "invalid, too_many).",
+            ["reason"],
+            registry=reg,
+        )
+        self._profile_changes = Counter(
+            metric_name("profile_changes"),
+            "Label profiles set or deleted by control records, by kind.",
+            ["kind"],
+            registry=reg,
+        )
+        for reason in PROFILE_REJECT_REASONS:
+            self._profile_rejected.labels(reason=reason)
+        for kind in PROFILE_CHANGE_KINDS:
+            self._profile_changes.labels(kind=kind)
         for reason in TRANSACTION_ABORT_REASONS:
             self._transactions_aborted.labels(reason=reason)
         for kind in REBALANCE_KINDS:
@@ -310,7 +333,13 @@ class WorkerMetrics:
         )
         self._ready = Gauge(
             metric_name("ready"),
-            "1 while /readyz answers 200 (model warmed up, group joined, circuit closed).",
+            "1 while /readyz answers 200 (model warmed up, profiles read, group joined, "
+            "circuit closed).",
+            registry=reg,
+        )
+        self._profiles = Gauge(
+            metric_name("label_profiles"),
+            "Label profiles in force (read from TAGSTREAM_CONTROL_TOPIC).",
             registry=reg,
         )
         self._assigned = Gauge(
@@ -368,6 +397,18 @@ class WorkerMetrics:
     def record_transaction_aborted(self, reason: str) -> None:
         """Exactly-once: a transaction was aborted for ``reason``."""
         self._transactions_aborted.labels(reason=reason).inc()
+
+    def record_profile_rejected(self, reason: str) -> None:
+        """A control record was rejected for ``reason`` and not applied."""
+        self._profile_rejected.labels(reason=reason).inc()
+
+    def record_profile_change(self, kind: str, profiles: int) -> None:
+        """A control record set or deleted a profile; ``profiles`` are in force now."""
+        self._profile_changes.labels(kind=kind).inc()
+        self._profiles.set(profiles)
+
+    def set_profiles(self, profiles: int) -> None:
+        self._profiles.set(profiles)
 
     def record_rebalance(self, kind: RebalanceKind, partitions: Collection[PartitionKey]) -> None:
         """A rebalance callback; keeps ``assigned_partitions`` and the lag series in step.

@@ -34,7 +34,8 @@ class MetricsObserver(Observer):
     With ``health``: every poll-loop turn is a poll heartbeat, a scored batch and the end of
     a wait for work are inference heartbeats (the wait itself counts as idle, not stuck),
     the first assignment (even an empty one) marks the consumer as joined, a lost assignment
-    marks it as left, and :meth:`stopping` marks the worker as shutting down.
+    marks it as left, the start-up read of the control topic holds readiness back until it
+    reaches the end, and :meth:`stopping` marks the worker as shutting down.
     """
 
     def __init__(
@@ -119,6 +120,21 @@ class MetricsObserver(Observer):
             self.health.mark_joined()
         elif kind == "lost":
             self.health.mark_left()
+
+    def profiles_loading(self) -> None:
+        if self.health is not None:
+            self.health.mark_profiles_loading()
+
+    def profiles_loaded(self, profiles: int) -> None:
+        self.metrics.set_profiles(profiles)
+        if self.health is not None:
+            self.health.mark_profiles_loaded()
+
+    def profile_changed(self, kind: str, profiles: int) -> None:
+        self.metrics.record_profile_change(kind, profiles)
+
+    def profile_rejected(self, reason: str) -> None:
+        self.metrics.record_profile_rejected(reason)
 
     def paused(self, partitions: int) -> None:
         self.metrics.set_paused(partitions)

@@ -1,10 +1,12 @@
 """Micro-batching: valid events accumulate into batches that go to the inference thread.
 
 A batch closes at ``max_batch_size`` events, at the scorer's token budget, or
-``max_wait_ms`` after its first event, whichever comes first. Closed batches wait in
-:attr:`Batcher.ready` until the :class:`Handoff` to the inference thread has room: at
-most ``max_in_flight_batches`` batches are submitted and not yet finished, so one batch
-is assembled while the model runs another. What waits here is counted in bytes
+``max_wait_ms`` after its first event, whichever comes first; and when an event comes with
+another key than the open batch's (the label profile table's revision, see
+:mod:`worker.pipeline.profiles`), so that one batch never mixes profile versions. Closed
+batches wait in :attr:`Batcher.ready` until the :class:`Handoff` to the inference thread
+has room: at most ``max_in_flight_batches`` batches are submitted and not yet finished, so
+one batch is assembled while the model runs another. What waits here is counted in bytes
 (:attr:`Batcher.buffered_bytes`); past ``max_buffered_bytes`` the main thread pauses
 fetching (:mod:`worker.pipeline.flow`), so memory stays bounded when the model is slower
 than the input.
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from worker.contract.events import EventFields
+from worker.contract.profiles import Profile
 from worker.contract.scorer import ScoreRequest
 from worker.kafka.records import PartitionKey
 from worker.pipeline.offsets import Tracked
@@ -47,6 +50,8 @@ class CloseReason(enum.StrEnum):
     TIME = "time"
     # Exactly-once: a transaction commit drains everything (worker.pipeline.transactions).
     CHECKPOINT = "checkpoint"
+    # The label profiles changed: the next events are resolved against another table.
+    PROFILES = "profiles"
     # tagstream serve, continuous batching: the inference thread was idle, so the open
     # batch went to it at once (worker.serve.batcher).
     IDLE = "idle"
@@ -59,6 +64,8 @@ class PendingEvent(NamedTuple):
     event: EventFields
     request: ScoreRequest
     tokens: int
+    # The label profile resolved for it at admission; None: the settings' labels applied.
+    profile: Profile | None = None
 
     @property
     def size(self) -> int:
@@ -91,6 +98,8 @@ class MicroBatch(Generic[ItemT]):
     reason: CloseReason | None = None
     # Numbered by the main thread on submission; both threads' log lines carry it.
     batch_id: int = 0
+    # The profile table revision its events were resolved under (one per batch).
+    key: int = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,17 +134,20 @@ class MicroBatcher(Generic[ItemT]):
     def open_size(self) -> int:
         return 0 if self._open is None else len(self._open)
 
-    def add(self, item: ItemT) -> None:
+    def add(self, item: ItemT, key: int = 0) -> None:
         """Add an event; batches that close on it are appended to :attr:`ready`.
 
         An event that would push the open batch over the token budget closes that batch
-        first and starts the next one. An event over the budget on its own is scored in a
-        batch of one (the scorer truncates it).
+        first and starts the next one; so does an event whose ``key`` (the profile table
+        revision it was resolved under) is not the open batch's. An event over the budget
+        on its own is scored in a batch of one (the scorer truncates it).
         """
+        if self._open is not None and self._open.key != key:
+            self._close(CloseReason.PROFILES)
         if self._open is not None and self._open.tokens + item.tokens > self.max_tokens:
             self._close(CloseReason.TOKENS)
         if self._open is None:
-            self._open = MicroBatch[ItemT](opened_at=self._clock())
+            self._open = MicroBatch[ItemT](opened_at=self._clock(), key=key)
         self._open.items.append(item)
         self._open.tokens += item.tokens
         self.buffered_bytes += item.size

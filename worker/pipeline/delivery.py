@@ -79,6 +79,7 @@ from worker.kafka.producer import ClientErrorHook, DeliveryReport, KafkaProducer
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import Tracked
+from worker.pipeline.tracing import discard_trace, with_trace
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +98,10 @@ REFUSED_MEMORY: Final = 10_000
 # own answer (a produce request takes milliseconds; a broker that does not answer in this
 # time makes the transaction fail anyway).
 ISOLATE_FLUSH_S: Final = 5.0
+# How long the main thread waits for a replaced producer to close: once its records are
+# purged a close that works returns in milliseconds; one still running waits on a
+# transaction coordinator that is gone, and is left to itself.
+PRODUCER_CLOSE_WAIT_S: Final = 5.0
 
 RecordKind = Literal["output", "dead_letter"]
 # Called (main or inference thread) for a record this worker gives up on because its
@@ -122,6 +127,8 @@ class ProducerClient(Protocol):
 
     def close(self) -> None: ...
 
+    def abandon(self, wait_s: float) -> bool: ...
+
     # Exactly-once mode only (a producer configured with a transactional.id).
 
     def init_transactions(self, timeout_s: float) -> TxnError | None: ...
@@ -139,6 +146,9 @@ class ProducerClient(Protocol):
     def purge(self) -> None: ...
 
     def flush(self, timeout_s: float) -> int: ...
+
+    @property
+    def stuck(self) -> bool: ...
 
 
 # Builds a producer client from its librdkafka configuration and client-error hook.
@@ -183,6 +193,7 @@ def abandon_as_revoked(observer: Observer) -> AbandonHook:
 
     def abandon(origin: Tracked) -> None:
         observer.record_discarded(origin.record.partition_key, DiscardReason.REVOKED)
+        discard_trace(origin.trace, DiscardReason.REVOKED)
 
     return abandon
 
@@ -295,7 +306,9 @@ class ProducerStage:
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
         """Send the input, unchanged, to the dead-letter topic (any thread)."""
         record = origin.record
-        headers = dead_letter_headers(record, failure, self._identity, datetime.now(UTC))
+        headers = with_trace(
+            dead_letter_headers(record, failure, self._identity, datetime.now(UTC)), origin.trace
+        )
         log.warning(
             "dead-lettering input",
             stage=failure.stage.value,
@@ -408,18 +421,27 @@ class ProducerStage:
             self._observer.record_discarded(
                 record.origin.record.partition_key, DiscardReason.ABORTED
             )
+            discard_trace(record.origin.trace, DiscardReason.ABORTED)
         return len(records)
 
+    @property
+    def stuck(self) -> bool:
+        """Whether a transactional call hung inside the producer client (it must be
+        replaced; see :mod:`worker.kafka.producer`)."""
+        return self._producer.stuck
+
     def replace_producer(self) -> None:
-        """The producer was fenced: drop it (its records are aborted) and build a new one
-        with the same configuration; the caller then calls :meth:`init_transactions`."""
+        """The producer was fenced (or is stuck): drop it (its records are aborted) and
+        build a new one with the same configuration; the caller then calls
+        :meth:`init_transactions`."""
         old, self._producer = (
             self._producer,
             self._connect(self._config(self._main_config), self._on_client_error),
         )
         self.fenced = False
         old.purge()
-        old.close()
+        if not old.abandon(PRODUCER_CLOSE_WAIT_S):
+            log.warning("replaced producer left to close on its own", wait_s=PRODUCER_CLOSE_WAIT_S)
 
     def outstanding(self) -> int:
         """Records not acknowledged yet (queued in librdkafka or waiting for a retry)."""
@@ -452,7 +474,12 @@ class ProducerStage:
     def _produce(self, record: Outbound) -> bool:
         """One try to queue the record in librdkafka; ``False`` if its queue is full.
         Called with the backlog lock held, so records enter the queue in order."""
-        producer = self._solo_producer() if record.solo else self._producer
+        # Exactly-once: every record goes through the transactional producer, a record
+        # sent alone too (:meth:`_send_alone` isolates it by flushing around it). The solo
+        # producer is not transactional: what it writes is visible at once to
+        # read_committed readers and no abort takes it back.
+        solo = record.solo and not self.transactional
+        producer = self._solo_producer() if solo else self._producer
         if self.transactional:
             # Before the produce call: its delivery report may run on the main thread as
             # soon as the call returns, and a report without its transaction is ignored.
@@ -479,8 +506,12 @@ class ProducerStage:
                 self._backlog.popleft()
 
     def _on_client_error(self, error: ClientError) -> None:
-        if self.transactional and error.fenced:
-            log.warning("producer fenced, replacing it", error=error.message)
+        if self.transactional and (error.fenced or error.fatal):
+            # Exactly-once: whatever killed the producer (fencing, or a fatal error such as
+            # the sequence desynchronization a broker restart can leave), its transaction is
+            # aborted and a new producer takes over; a cause that persists (authorization)
+            # stops the worker when the new producer's init_transactions fails.
+            log.warning("producer fenced or failed, replacing it", error=error.message)
             self.fenced = True
         elif error.fatal:
             self._fail(f"producer error: {error.message}", error)
@@ -507,11 +538,16 @@ class ProducerStage:
             self._observer.record_dead_lettered(
                 record.failure.stage.value, record.failure.error_class
             )
+        trace = record.origin.trace
+        if trace is not None:
+            trace.end("scored" if record.kind == "output" else "dead_lettered", record.failure)
 
     def _on_transactional_delivery(self, record: Outbound, error: ClientError | None) -> None:
         if record.txn != self._txn_seq:
             return  # a report of an aborted transaction (purged records among them)
         if error is None:
+            if record.solo:
+                self._forget_refusal(record)  # accepted alone: not the culprit
             if record.origin.active:
                 record.origin.mark_done()
             return
@@ -542,6 +578,10 @@ class ProducerStage:
                 error=error.message,
             )
             self.abort_reason = f"produce error {error.name}"
+
+    def _forget_refusal(self, record: Outbound) -> None:
+        source = record.origin.record
+        self._refused.pop((source.topic, source.partition, source.offset, record.kind), None)
 
     def _refusal(self, record: Outbound) -> tuple[ClientError, bool] | None:
         """Why the broker refused this record of this input before, if it did."""

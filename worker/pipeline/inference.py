@@ -43,6 +43,7 @@ from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.circuit import CircuitBreaker
 from worker.pipeline.delivery import AbandonHook, Outbound, ProducerStage, abandon_as_revoked
 from worker.pipeline.observer import DiscardReason, Observer
+from worker.pipeline.tracing import Tracer, discard_trace, with_trace
 
 log = structlog.get_logger(__name__)
 # The stdlib logger structlog's level filter asks: a per-batch debug line costs tens of
@@ -118,8 +119,10 @@ class InferenceStage:
         observer: Observer,
         on_abandoned: AbandonHook | None = None,
         circuit: CircuitSettings | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self._scorer = scorer
+        self._tracer = tracer or Tracer()
         self._circuit = CircuitBreaker(circuit or CircuitSettings())
         self._handoff = handoff
         self._producer = producer
@@ -235,12 +238,44 @@ class InferenceStage:
             for item in items:
                 key = item.origin.record.partition_key
                 self._observer.record_discarded(key, DiscardReason.SHUTDOWN)
+                discard_trace(item.origin.trace, DiscardReason.SHUTDOWN)
         return not stopping
 
     def _score_batch(self, items: Sequence[PendingEvent], batch: Batch) -> list[ScoreOutcome]:
         """One scorer call for the batch, then retries of its transient failures."""
         started = time.monotonic()
         requests = [item.request for item in items]
+        if self._tracer.enabled:
+            outcomes, failed = self._score_traced(items, requests, batch.batch_id)
+        else:
+            outcomes = self._score_with_retries(requests)
+            failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
+        duration_s = time.monotonic() - started
+        self._observer.batch_scored(len(items), failed, duration_s)
+        if _level.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch scored",
+                size=len(items),
+                skipped=len(batch) - len(items),
+                failed=failed,
+                tokens=batch.tokens,
+                duration_s=round(duration_s, 4),
+            )
+        return outcomes
+
+    def _score_traced(
+        self, items: Sequence[PendingEvent], requests: list[ScoreRequest], batch_id: int
+    ) -> tuple[list[ScoreOutcome], int]:
+        """Tracing on: the scorer call inside its span, linked to the events' traces."""
+        traces = [trace for item in items if (trace := item.origin.trace) is not None]
+        with self._tracer.scoring(traces, batch_id) as span:
+            outcomes = self._score_with_retries(requests)
+            failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
+            span.finished(failed)
+        return outcomes, failed
+
+    def _score_with_retries(self, requests: list[ScoreRequest]) -> list[ScoreOutcome]:
+        """One scorer call, then retries of its transient failures."""
         outcomes = self._score(requests)
         for attempt in range(TRANSIENT_RETRIES):
             retry = [i for i, o in enumerate(outcomes) if isinstance(o, ScoreError) and o.transient]
@@ -254,18 +289,6 @@ class InferenceStage:
                 retry, self._score([requests[i] for i in retry]), strict=True
             ):
                 outcomes[index] = outcome
-        duration_s = time.monotonic() - started
-        failed = sum(isinstance(outcome, ScoreError) for outcome in outcomes)
-        self._observer.batch_scored(len(items), failed, duration_s)
-        if _level.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "batch scored",
-                size=len(items),
-                skipped=len(batch) - len(items),
-                failed=failed,
-                tokens=batch.tokens,
-                duration_s=round(duration_s, 4),
-            )
         return outcomes
 
     def _active(self, items: Sequence[PendingEvent]) -> list[PendingEvent]:
@@ -293,7 +316,7 @@ class InferenceStage:
                         topic=self._output_topic,
                         key=item.origin.record.key,
                         value=value,
-                        headers=source_headers(item.origin.record),
+                        headers=with_trace(source_headers(item.origin.record), item.origin.trace),
                         kind="output",
                         origin=item.origin,
                     )
@@ -311,4 +334,5 @@ class InferenceStage:
             self._tagging,
             self._scorer.info,
             scored_at,
+            item.profile,
         )

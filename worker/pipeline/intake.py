@@ -9,7 +9,8 @@ forwarded to a :class:`~worker.kafka.consumer.RebalanceListener` (the worker).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol
 
 import structlog
@@ -23,6 +24,9 @@ log = structlog.get_logger(__name__)
 
 # Records one stopping poll may drop (the broker refetches them for the next owner).
 POLL_DISCARD_MAX: Final = 500
+# How long a replaced consumer's close may take before it is abandoned: a client stuck on
+# its coordinator may never finish leaving the group (its session then times out).
+CONSUMER_CLOSE_WAIT_S: Final = 10.0
 
 
 class ConsumerClient(Protocol):
@@ -48,6 +52,8 @@ class ConsumerClient(Protocol):
 
     def seek(self, positions: Mapping[PartitionKey, int]) -> ClientError | None: ...
 
+    def abandon(self, wait_s: float) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -60,10 +66,19 @@ class Intake:
     partitions start in the state the current reasons give them.
     """
 
-    def __init__(self, consumer: ConsumerClient, observer: Observer) -> None:
+    def __init__(
+        self,
+        consumer: ConsumerClient,
+        observer: Observer,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.consumer = consumer
         self._observer = observer
+        self._clock = clock
         self._listener: RebalanceListener | None = None
+        self._topics: list[str] = []
+        # When partitions were last lost with no assignment since (see rejoin_overdue).
+        self._lost_at: float | None = None
         # Reasons that hold every partition, and those that hold single ones.
         self._holds: set[str] = set()
         self._partition_holds: dict[PartitionKey, set[str]] = {}
@@ -87,7 +102,26 @@ class Intake:
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         self._listener = listener
+        self._topics = list(topics)
         self.consumer.subscribe(topics, self)
+
+    def rejoin_overdue(self, timeout_s: float) -> bool:
+        """Whether partitions were lost ``timeout_s`` ago or more and no assignment (not
+        even an empty one) came since: the client has stopped rejoining the group."""
+        return self._lost_at is not None and self._clock() - self._lost_at >= timeout_s
+
+    def replace_consumer(self, consumer: ConsumerClient) -> bool:
+        """Swap in a new consumer, subscribed as the old one was; the old one is closed
+        without the listener hearing of it (it holds no partitions: they were lost).
+        False if the old one's close did not finish in :data:`CONSUMER_CLOSE_WAIT_S`.
+        Called once per loss: the new consumer's loss clock starts at the next loss."""
+        old, self.consumer = self.consumer, consumer
+        self._lost_at = None
+        self._paused.clear()
+        closed = old.abandon(CONSUMER_CLOSE_WAIT_S)
+        if self._listener is not None:
+            consumer.subscribe(self._topics, self)
+        return closed
 
     def poll(self, max_records: int, timeout_s: float) -> list[InputRecord]:
         """Up to ``max_records`` records; raises ``KafkaFatalError`` on a fatal error."""
@@ -145,6 +179,7 @@ class Intake:
 
     def on_assigned(self, keys: list[PartitionKey]) -> None:
         log.info("partitions assigned", partitions=describe_partitions(keys))
+        self._lost_at = None
         if keys:
             # librdkafka keeps a partition's pause flag across unassign/assign: one that was
             # revoked while paused would come back paused. Set the current state explicitly.
@@ -170,6 +205,7 @@ class Intake:
 
     def on_lost(self, keys: list[PartitionKey]) -> None:
         log.warning("partitions lost", partitions=describe_partitions(keys))
+        self._lost_at = self._clock()
         self._forget(keys)
         self._observer.rebalance("lost", keys)
         if self._listener is not None:

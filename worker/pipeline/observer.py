@@ -97,6 +97,21 @@ class Observer:
         """Inference thread: the circuit opened (most events fail: nothing is dead-lettered,
         the input pauses) or closed again."""
 
+    def profiles_loading(self) -> None:
+        """Main thread: the control topic is being read at start-up (not ready until
+        :meth:`profiles_loaded`)."""
+
+    def profiles_loaded(self, profiles: int) -> None:
+        """Main thread: the control topic was read to its end offsets at start-up."""
+
+    def profile_changed(self, kind: str, profiles: int) -> None:
+        """Main thread: a control record ``set`` or ``deleted`` a profile; ``profiles``
+        are in force now."""
+
+    def profile_rejected(self, reason: str) -> None:
+        """Main thread: a control record was rejected and not applied (``reason``: see
+        ``worker.contract.profiles.REJECT_REASONS``)."""
+
     def paused(self, partitions: int) -> None:
         """Main thread: fetching is paused; ``partitions`` are paused now."""
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from worker.kafka.records import InputRecord, PartitionKey
+from worker.pipeline.tracing import EventTrace
 
 
 class PartitionOffsets:
@@ -244,10 +245,11 @@ class OffsetTracker:
 
 class Tracked(NamedTuple):
     """A consumed record and the assignment of its partition that received it (a named
-    tuple: one is built per record)."""
+    tuple: one is built per record), and its trace when tracing is on."""
 
     record: InputRecord
     partition: PartitionOffsets
+    trace: EventTrace | None = None
 
     @property
     def active(self) -> bool:

@@ -36,8 +36,10 @@ refused offset commit (a zombie), a lost partition, or a revoke that cannot comm
 2. **rewind the state**: every partition with work past its last committed position gets
    a fresh offset state from that position on (the old one goes inactive, so results still
    in flight for it are dropped), and waiting batches are dropped;
-3. **abort** the transaction (a fenced producer, or one that cannot abort in time, is
-   replaced instead: ``init_transactions`` with the same ``transactional.id`` aborts it);
+3. **abort** the transaction (a fenced producer, one that cannot abort in time, or one
+   whose transactional call hung inside the client (``stuck``, see
+   :mod:`worker.kafka.producer`) is replaced instead: ``init_transactions`` with the same
+   ``transactional.id`` aborts it);
 4. **seek** those partitions to their positions (a new fetch generation: records polled
    before the seek are discarded as stale);
 5. **begin** the next transaction and unseal.
@@ -76,6 +78,9 @@ log = structlog.get_logger(__name__)
 DEADLINE_SHARE: Final = 0.8
 # How long one drain wait serves the producer before it checks the deadline again.
 DRAIN_POLL_S: Final = 0.01
+# Producers abandoned inside a hung call before the worker stops (exit 3) instead: each
+# keeps its client threads and buffers, and a restart starts from clean clients.
+MAX_STUCK_PRODUCERS: Final = 3
 # Pause between tries of a transactional call the coordinator refused for the moment.
 TXN_RETRY_S: Final = 0.1
 
@@ -95,6 +100,8 @@ class AbortReason(enum.StrEnum):
     REBALANCE = "rebalance"
     # Partitions were lost: the group moved on, their work is someone else's.
     LOST = "lost"
+    # A transactional call hung inside the client past its own timeout.
+    STUCK = "stuck"
 
 
 class Stages(Protocol):
@@ -154,6 +161,7 @@ class Transactions:
         # record is in at-least-once mode, before the worker stops.
         self._restart_deadline_s = delivery.retry_deadline_s
         self._clock = clock
+        self._stuck_producers = 0
         self._began_at = clock()
         self._next_commit = self._began_at + self._interval_s
 
@@ -282,6 +290,8 @@ class Transactions:
                 raise KafkaFatalError(f"transaction failed: {error.message}")
             if error.action is TxnAction.FENCED:
                 return AbortReason.FENCED, error
+            if error.action is TxnAction.STUCK:
+                return AbortReason.STUCK, error
             if error.action is TxnAction.ABORT:
                 return AbortReason.COMMIT_REFUSED, error
             log.info("transactional call refused, retrying", error=error.name)
@@ -329,11 +339,29 @@ class Transactions:
 
     def _abort_or_replace(self, reason: AbortReason) -> None:
         deadline = self._clock() + self._timeout_s
-        if reason is not AbortReason.FENCED and not self._producer.fenced:
+        replace = reason in (AbortReason.FENCED, AbortReason.STUCK)
+        if not replace and not self._producer.fenced:
             failure = self._retried(self._producer.abort_transaction, deadline)
             if failure is None:
                 return
             log.warning("abort failed, replacing the producer", reason=str(failure[0]))
+        self._replace()
+
+    def _replace(self) -> None:
+        """A new producer with the same ``transactional.id``; its ``init_transactions``
+        fences the old one and aborts what it left open."""
+        if self._producer.stuck:
+            self._stuck_producers += 1
+            if self._stuck_producers > MAX_STUCK_PRODUCERS:
+                raise TransactionStuckError(
+                    f"{self._stuck_producers} transactional producers hung inside the client "
+                    f"(more than {MAX_STUCK_PRODUCERS}); stopping, the restart resumes from the "
+                    "committed offsets"
+                )
+            log.warning(
+                "transactional call hung past its timeout, abandoning the producer",
+                abandoned=self._stuck_producers,
+            )
         self._producer.replace_producer()
         self._init(self._clock() + self._restart_deadline_s)
 

@@ -33,10 +33,12 @@ import structlog
 from worker.config.loading import RunSettings
 from worker.contract.codec import decode_input, to_request
 from worker.contract.deadletter import Failure, Stage, WorkerIdentity
+from worker.contract.profiles import ProfileLimits
 from worker.contract.scorer import Scorer
 from worker.errors import EventError, EventTooCostlyError, KafkaFatalError, TagstreamError
 from worker.exit_codes import EXIT_FATAL, EXIT_OK
 from worker.kafka.config import consumer_config as _consumer_config
+from worker.kafka.config import control_consumer_config
 from worker.kafka.consumer import CommitOutcome, CommitResult, KafkaConsumer
 from worker.kafka.errors import ClientError
 from worker.kafka.records import InputRecord, PartitionKey, describe_partitions
@@ -48,6 +50,8 @@ from worker.pipeline.inference import InferenceStage
 from worker.pipeline.intake import ConsumerClient, Intake
 from worker.pipeline.observer import DiscardReason, Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
+from worker.pipeline.profiles import ControlConsumer, ProfileFeed, ProfileTable
+from worker.pipeline.tracing import Tracer, discard_trace
 from worker.pipeline.transactions import AbortReason, Transactions, transactional_id
 
 log = structlog.get_logger(__name__)
@@ -76,6 +80,19 @@ READ_AHEAD_BATCHES: Final = 1
 ConsumerFactory = Callable[[Mapping[str, Any], bool, CommitResult], ConsumerClient]
 
 
+# Builds the control topic's reader from its librdkafka configuration.
+ControlConsumerFactory = Callable[[Mapping[str, Any]], ControlConsumer]
+
+
+def _ignore_commit_result(_error: ClientError | None, _outcome: CommitOutcome) -> None:
+    """The control topic's reader never commits."""
+
+
+def connect_control_consumer(config: Mapping[str, Any]) -> ControlConsumer:
+    """The default :data:`ControlConsumerFactory`: a real librdkafka consumer."""
+    return KafkaConsumer(config, incremental=False, on_commit=_ignore_commit_result)
+
+
 def connect_consumer(
     config: Mapping[str, Any], incremental: bool, on_commit: CommitResult
 ) -> ConsumerClient:
@@ -88,8 +105,9 @@ class Worker:
 
     ``client_config`` and ``consumer_config``: extra librdkafka settings for every client
     and for the input consumer (observability: the log bridge, the statistics for the lag).
-    ``consumer_factory`` and ``producer_factory`` build the Kafka clients (real ones unless
-    a test passes fakes).
+    ``consumer_factory``, ``producer_factory`` and ``control_consumer_factory`` build the
+    Kafka clients (real ones unless a test passes fakes). ``tracer``: traces every accepted
+    record (none by default).
     """
 
     def __init__(
@@ -103,10 +121,13 @@ class Worker:
         consumer_config: Mapping[str, Any] | None = None,
         consumer_factory: ConsumerFactory = connect_consumer,
         producer_factory: ProducerFactory = connect,
+        control_consumer_factory: ControlConsumerFactory = connect_control_consumer,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
         self.scorer = scorer
         self.observer = observer or Observer()
+        self.tracer = tracer or Tracer()
         self.tracker = OffsetTracker()
         # How each partition was last taken away, for the work of it still in flight.
         self._gone: dict[PartitionKey, DiscardReason] = {}
@@ -141,17 +162,17 @@ class Worker:
             observer=self.observer,
             on_abandoned=self._abandoned,
             circuit=settings.circuit,
+            tracer=self.tracer,
         )
         kafka = settings.kafka
         incremental = (
             kafka.group_protocol == "consumer" or kafka.assignment_strategy == "cooperative-sticky"
         )
-        consumer = consumer_factory(
-            {**(consumer_config or {}), **_consumer_config(kafka)},
-            incremental,
-            self._on_commit_result,
+        full_config = {**(consumer_config or {}), **_consumer_config(kafka)}
+        self._new_consumer: Callable[[], ConsumerClient] = lambda: consumer_factory(
+            full_config, incremental, self._on_commit_result
         )
-        self.intake = Intake(consumer, self.observer)
+        self.intake = Intake(self._new_consumer(), self.observer)
         self.committer = Committer(
             self.tracker,
             self.intake,
@@ -178,10 +199,28 @@ class Worker:
             if exactly_once
             else None
         )
+        self.profiles = ProfileTable(
+            settings.profiles.max_profiles, settings.profiles.control_topic
+        )
+        self.profile_feed = self._profile_feed(client_config or {}, control_consumer_factory)
         self._stop_requested = False
         # Set once the final commit is done: closing the consumer then revokes every
         # partition once more, and that revoke must not wait for in-flight work again.
         self._settled = False
+
+    def _profile_feed(
+        self, client_config: Mapping[str, Any], factory: ControlConsumerFactory
+    ) -> ProfileFeed | None:
+        profiles, tagging = self.settings.profiles, self.settings.tagging
+        if profiles.control_topic is None:
+            return None
+        consumer = factory({**client_config, **control_consumer_config(self.settings.kafka)})
+        limits = ProfileLimits(
+            max_labels=tagging.max_labels,
+            max_label_chars=tagging.max_label_chars,
+            max_record_bytes=profiles.max_profile_record_bytes,
+        )
+        return ProfileFeed(consumer, profiles.control_topic, self.profiles, limits, self.observer)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -196,6 +235,9 @@ class Worker:
             if self.transactions is not None:
                 self.transactions.start()
                 log.info("exactly-once: transactions on", transactional_id=self.transactional_id)
+            if self.profile_feed is not None:
+                # Before joining: no event is judged against a half-read profile table.
+                self.profile_feed.start(self.settings.profiles.control_load_timeout_s)
             self.intake.subscribe(self.settings.kafka.subscription, self)
             log.info("worker started", subscription=self.settings.kafka.subscription)
             while not self._stop_requested:
@@ -210,11 +252,14 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop."""
         self.observer.loop_iteration()
+        if self.profile_feed is not None:
+            self.profile_feed.poll()
         if self.transactions is None:
             records = self.intake.poll(POLL_MAX_RECORDS, self._poll_timeout())
         else:
             records = self._poll_ahead()
         self.accept(records)
+        self.recover_group()
         self.batcher.close_if_due()
         self.submit_ready_batches()
         self.producer.serve()
@@ -254,6 +299,7 @@ class Worker:
             )
         self._settled = True
         self.intake.close()
+        self._close_feed()
         self.producer.close()
         log.info("worker stopped")
         return EXIT_OK
@@ -268,6 +314,7 @@ class Worker:
             log.warning("shutdown: the last transaction was aborted, its work is redone")
         self._settled = True
         self.intake.close()
+        self._close_feed()
         self.producer.close()
         log.info("worker stopped")
         return EXIT_OK
@@ -283,11 +330,13 @@ class Worker:
             self.producer.abort_transaction(FATAL_DRAIN_S)
             self._settled = True
             self.intake.close()
+            self._close_feed()
             return EXIT_FATAL
         deadline = time.monotonic() + FATAL_DRAIN_S
         self.committer.settle(self.tracker.keys, deadline, self._all_delivered, serve_group=False)
         self._settled = True
         self.intake.close()
+        self._close_feed()
         return EXIT_FATAL
 
     # -- the loop's steps ---------------------------------------------------------------
@@ -323,6 +372,20 @@ class Worker:
                     reason=str(batch.reason),
                     in_flight=in_flight,
                 )
+
+    def recover_group(self) -> None:
+        """Replace a consumer that lost its partitions and got no assignment within
+        ``rejoin_timeout_s``: librdkafka can keep waiting for good on a group coordinator
+        that restarted, while the loop itself stays alive (so no liveness probe helps)."""
+        timeout_s = self.settings.kafka.rejoin_timeout_s
+        if not self.intake.rejoin_overdue(timeout_s):
+            return
+        log.warning(
+            "no assignment since the partitions were lost, replacing the consumer",
+            waited_s=timeout_s,
+        )
+        if not self.intake.replace_consumer(self._new_consumer()):
+            log.warning("the replaced consumer did not close in time; it is abandoned")
 
     def control_flow(self) -> None:
         """Pause or resume the input for the stages that are behind (never wait for them)."""
@@ -382,7 +445,7 @@ class Worker:
             self.tracker.remove(keys)
             return
         for item in self.batcher.drop(set(keys)):
-            self.observer.record_discarded(item.origin.record.partition_key, DiscardReason.LOST)
+            self._discard(item.origin, DiscardReason.LOST)
         self.tracker.remove(keys)
 
     def _revoke_transactional(self, transactions: Transactions, keys: list[PartitionKey]) -> None:
@@ -407,7 +470,7 @@ class Worker:
     def drop_unstarted(self, reason: DiscardReason) -> int:
         dropped = self.batcher.drop_all()
         for item in dropped:
-            self.observer.record_discarded(item.origin.record.partition_key, reason)
+            self._discard(item.origin, reason)
         return len(dropped)
 
     def rewound(self, keys: Collection[PartitionKey]) -> None:
@@ -453,13 +516,21 @@ class Worker:
         if not state.receive(record.offset):
             self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
             return None
-        return Tracked(record, state)
+        tracer = self.tracer
+        return Tracked(record, state, tracer.start_event(record) if tracer.enabled else None)
+
+    def _close_feed(self) -> None:
+        if self.profile_feed is not None:
+            self.profile_feed.close()
 
     def _admit(self, tracked: Tracked) -> None:
+        """Decode, resolve the label profile (here, once per event: see
+        :mod:`worker.pipeline.profiles`), estimate, batch under the profile revision."""
         tagging = self.settings.tagging
         try:
             event = decode_input(tracked.record.value, tagging)
-            request = to_request(event, tagging)
+            profile = self.profiles.resolve(event)
+            request = to_request(event, tagging, profile)
         except EventError as exc:
             failure = Failure(Stage(exc.stage), type(exc).__name__, str(exc))
             self.producer.dead_letter(tracked, failure)
@@ -475,7 +546,9 @@ class Worker:
             failure = Failure(Stage.VALIDATE, type(too_costly).__name__, str(too_costly))
             self.producer.dead_letter(tracked, failure)
             return
-        self.batcher.add(PendingEvent(tracked, event, request, tokens))
+        self.batcher.add(
+            PendingEvent(tracked, event, request, tokens, profile), self.profiles.revision
+        )
 
     def _abandon_unstarted(self, keys: list[PartitionKey], reason: DiscardReason) -> int:
         """Take the partitions' events out of the batches not handed over yet; they will
@@ -485,7 +558,7 @@ class Worker:
         dropped = self.batcher.drop(set(keys))
         for item in dropped:
             record = item.origin.record
-            self.observer.record_discarded(record.partition_key, reason)
+            self._discard(item.origin, reason)
             current = first_dropped.get(record.partition_key)
             if current is None or record.offset < current:
                 first_dropped[record.partition_key] = record.offset
@@ -498,8 +571,12 @@ class Worker:
     def _abandoned(self, origin: Tracked) -> None:
         """A stage gave up on a record of a partition no longer assigned here (main or
         inference thread)."""
-        key = origin.record.partition_key
-        self.observer.record_discarded(key, self._gone.get(key, DiscardReason.REVOKED))
+        self._discard(origin, self._gone.get(origin.record.partition_key, DiscardReason.REVOKED))
+
+    def _discard(self, origin: Tracked, reason: DiscardReason) -> None:
+        """A tracked record is dropped without an output or a dead-letter record."""
+        self.observer.record_discarded(origin.record.partition_key, reason)
+        discard_trace(origin.trace, reason)
 
     def _batch_closed(self, batch: Batch) -> None:
         age = time.monotonic() - batch.opened_at

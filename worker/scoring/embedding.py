@@ -43,15 +43,17 @@ from transformers import AutoModel, AutoTokenizer
 from worker.config.settings import DEFAULT_MODEL, ModelSettings
 from worker.contract.events import render_hypothesis
 from worker.contract.scorer import LabelScores, ModelInfo, ScoreError, ScoreOutcome, ScoreRequest
-from worker.errors import DeviceError, EmbeddingModelError
+from worker.errors import DeviceError, EmbeddingModelError, ScorerConfigError
 from worker.scoring.batching import TokenBudget, estimated_tokens, padded_length, plan_batches
 from worker.scoring.cache import LruCache, cacheable_hypothesis
 from worker.scoring.runtime import (
     FALLBACK_MAX_LENGTH,
+    INT8,
     UNSET_MODEL_MAX_LENGTH,
     detached,
-    dtype_name,
     is_sticky_cuda_error,
+    model_dtype_name,
+    quantize_linear,
     release_cached_memory,
     resolve_device,
     resolve_dtype,
@@ -529,6 +531,12 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
     reports its git commit or ``"local"``, a hub id the snapshot commit it resolved to, the
     packaged MiniLM its package version).
     """
+    if settings.long_text != "truncate":
+        raise ScorerConfigError(
+            f"TAGSTREAM_LONG_TEXT={settings.long_text} is not supported by the embedding scorer"
+            " (it embeds one window per text): use TAGSTREAM_LONG_TEXT=truncate or"
+            " TAGSTREAM_SCORER=nli"
+        )
     source = resolve_source(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -551,6 +559,8 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
     if not isinstance(backend, Tokenizer):
         raise EmbeddingModelError(f"model: {source.path!r} has no fast (Rust) tokenizer")
     model.to(device).eval()
+    if settings.dtype == INT8:
+        model = quantize_linear(model)
     max_length = model_max_length(
         source.path,
         int(hf_tokenizer.model_max_length),
@@ -561,7 +571,7 @@ def load_embedding_scorer(settings: ModelSettings) -> EmbeddingScorer:
         revision=_reported_revision(source),
         scorer=SCORER_NAME,
         device=str(device),
-        dtype=dtype_name(dtype),
+        dtype=model_dtype_name(model),
     )
     return EmbeddingScorer(
         model,

@@ -24,6 +24,19 @@ single synchronisation when the logits are read back.
 ``include_nli_probs`` (constructor and :meth:`NliScorer.from_settings` keyword; the worker
 takes it from ``TaggingSettings.include_nli_probs``) also returns each label's full NLI
 class probabilities (softmax over all classes; ``neutral`` is None without a neutral class).
+
+Long texts (``TAGSTREAM_LONG_TEXT``): ``truncate`` (the default) cuts the premise as the
+pipeline does. ``chunk`` (:class:`ChunkOptions`) cuts it into overlapping token windows
+(:func:`worker.scoring.nli_pairs.premise_windows`) of the room the event's longest hypothesis
+leaves (or ``chunk_tokens``), at most ``max_chunks`` of them; every (window, hypothesis) pair
+is one more row of the same planned sub-batches. A label's score aggregates its windows:
+
+* ``max``: multi-label, the largest per-window probability; single-label, the largest
+  entailment logit per label, then the softmax across labels. The NLI probabilities are the
+  window's that gave the label its score;
+* ``mean``: the same with the mean; the NLI probabilities are the windows' mean.
+
+A text that fits one window gives exactly the truncate mode's (the pipeline's) scores.
 """
 
 from __future__ import annotations
@@ -41,7 +54,13 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerBase
 
-from worker.config.settings import DEFAULT_MAX_BATCH_TOKENS, ModelSettings
+from worker.config.settings import (
+    DEFAULT_CHUNK_OVERLAP_TOKENS,
+    DEFAULT_MAX_BATCH_TOKENS,
+    DEFAULT_MAX_CHUNKS,
+    ChunkAggregation,
+    ModelSettings,
+)
 from worker.contract.events import render_hypothesis
 from worker.contract.scorer import (
     LabelScores,
@@ -51,7 +70,7 @@ from worker.contract.scorer import (
     ScoreOutcome,
     ScoreRequest,
 )
-from worker.errors import DeviceError
+from worker.errors import DeviceError, HypothesisTooLongError, ScorerConfigError
 from worker.scoring.batching import (
     PLACEHOLDER_CHARS,
     TokenBudget,
@@ -62,10 +81,12 @@ from worker.scoring.batching import (
 from worker.scoring.cache import LruCache, cacheable_hypothesis
 from worker.scoring.nli_pairs import (
     TOKEN_TYPE_IDS,
+    ChunkPlan,
     EncodedPair,
     PairTemplate,
     derive_pair_template,
     fit_premise,
+    premise_windows,
 )
 from worker.scoring.runtime import (
     FALLBACK_MAX_LENGTH,
@@ -75,6 +96,7 @@ from worker.scoring.runtime import (
     dtype_name,
     is_sticky_cuda_error,
     load_sequence_classifier,
+    model_dtype_name,
     release_cached_memory,
     resolve_device,
     resolve_dtype,
@@ -146,12 +168,56 @@ class NliLabelIndices:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkOptions:
+    """Chunk mode (``TAGSTREAM_LONG_TEXT=chunk``): how a long text is read in windows.
+
+    ``window_tokens`` 0: the room the model's maximum leaves beside the event's longest
+    hypothesis; a larger value is cut to that room too.
+    """
+
+    window_tokens: int = 0
+    overlap_tokens: int = DEFAULT_CHUNK_OVERLAP_TOKENS
+    max_chunks: int = DEFAULT_MAX_CHUNKS
+    aggregation: ChunkAggregation = "max"
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings) -> ChunkOptions | None:
+        """The settings' chunk options, or None for ``truncate``."""
+        if settings.long_text != "chunk":
+            return None
+        return cls(
+            window_tokens=settings.chunk_tokens,
+            overlap_tokens=settings.chunk_overlap_tokens,
+            max_chunks=settings.max_chunks,
+            aggregation=settings.chunk_aggregation,
+        )
+
+
+# Per request: per label, the rows of its pairs (one per window), or the request's error.
+_Refs = list[list[int]] | BaseException
+# What a (text, hypothesis, window) key builds: its pairs, one per window, or an error.
+_Built = list[EncodedPair] | Exception
+
+
 @dataclass(slots=True)
 class _Encoded:
     """A batch turned into distinct pairs; each request holds its pair indices or its error."""
 
     pairs: list[EncodedPair]
-    refs: list[list[int] | BaseException]
+    refs: list[_Refs]
+
+
+# A distinct pair: (text, hypothesis, the event's window in chunk mode, else None).
+_PairKey = tuple[str, str, int | None]
+
+
+@dataclass(slots=True)
+class _Slots:
+    """Built pairs in one list; per key, the rows of its pairs or its error."""
+
+    pairs: list[EncodedPair]
+    rows: list[list[int] | Exception]
 
 
 _Batch = dict[str, torch.Tensor]
@@ -250,6 +316,20 @@ def _softmax(values: Sequence[float]) -> list[float]:
     return [e / total for e in exps]
 
 
+def _mean(values: Sequence[float]) -> float:
+    """The mean; of one value, that value exactly (the truncate mode's parity)."""
+    return math.fsum(values) / len(values)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value, the first one on ties."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
 class NliScorer:
     """The default scorer: zero-shot NLI classification on batches of events."""
 
@@ -264,11 +344,13 @@ class NliScorer:
         include_nli_probs: bool = False,
         hypothesis_cache_size: int = HYPOTHESIS_CACHE_SIZE,
         prefetch: bool | None = None,
+        chunking: ChunkOptions | None = None,
     ) -> None:
         """Wrap an already-loaded model (in eval mode, on its device and dtype).
 
         ``prefetch`` collates the next sub-batch in a helper thread while the device runs the
         current one; by default on CUDA only (on a CPU both compete for the same cores).
+        ``chunking``: read long texts in windows (chunk mode); None truncates them.
         """
         config = model.config
         self._name = name or str(getattr(config, "_name_or_path", "") or type(model).__name__)
@@ -279,7 +361,11 @@ class NliScorer:
         self._revision = revision
         parameter = next(model.parameters())
         self._device = parameter.device
-        self._dtype = parameter.dtype
+        self._dtype_name = (
+            model_dtype_name(model)
+            if isinstance(model, torch.nn.Module)
+            else dtype_name(parameter.dtype)
+        )
         self._budget = TokenBudget(max_batch_tokens)
         self._include_nli_probs = include_nli_probs
         self._max_length = _model_max_length(tokenizer, config, self._name)
@@ -298,6 +384,13 @@ class NliScorer:
                 model=self._name,
             )
         self._num_special = tokenizer.num_special_tokens_to_add(pair=True)
+        if chunking is not None and self._template is None:
+            raise ScorerConfigError(
+                f"TAGSTREAM_LONG_TEXT=chunk needs a tokenizer whose pair layout the scorer can"
+                f" reproduce, and that of {self._name!r} could not be: use"
+                f" TAGSTREAM_LONG_TEXT=truncate"
+            )
+        self._chunking = chunking
         self._hypotheses: LruCache[str, tuple[int, ...]] = LruCache(hypothesis_cache_size)
         forward: Callable[..., Any] = getattr(model, "forward", model)
         self._pass_use_cache = "use_cache" in inspect.signature(forward).parameters
@@ -325,6 +418,7 @@ class NliScorer:
             revision=revision,
             max_batch_tokens=settings.max_batch_tokens,
             include_nli_probs=include_nli_probs,
+            chunking=ChunkOptions.from_settings(settings),
         )
 
     @property
@@ -334,7 +428,7 @@ class NliScorer:
             revision=self._revision,
             scorer="nli",
             device=str(self._device),
-            dtype=dtype_name(self._dtype),
+            dtype=self._dtype_name,
         )
 
     @property
@@ -356,18 +450,36 @@ class NliScorer:
         """Unpadded tokens of the request's pairs, from ~4 characters per token.
 
         Per label: text tokens (capped at the model maximum) + hypothesis tokens + special
-        tokens, capped at the model maximum; summed over the labels. No tokenizer call, so
-        the batcher can size micro-batches in microseconds; dedup makes the truth lower.
+        tokens, capped at the model maximum; summed over the labels, and in chunk mode
+        multiplied by the windows the text would take. No tokenizer call, so the batcher
+        can size micro-batches in microseconds; dedup makes the truth lower.
         """
-        text = min(estimated_tokens(len(request.text)), self._max_length)
+        text = estimated_tokens(len(request.text))
         template = len(request.hypothesis_template) - PLACEHOLDER_CHARS
-        return sum(
-            min(
-                text + estimated_tokens(template + len(label)) + self._num_special,
-                self._max_length,
-            )
-            for label in request.labels
+        hypotheses = [estimated_tokens(template + len(label)) for label in request.labels]
+        windows = 1
+        if self._chunking is not None and hypotheses:
+            plan = self._chunk_plan(max(hypotheses))
+            if plan is not None:
+                windows = min(
+                    plan.max_chunks, 1 + _ceil_div(max(text - plan.window, 0), plan.stride)
+                )
+                text = min(text, plan.window)
+        text = min(text, self._max_length)
+        per_window = sum(
+            min(text + hypothesis + self._num_special, self._max_length)
+            for hypothesis in hypotheses
         )
+        return windows * per_window
+
+    def _chunk_plan(self, hypothesis_length: int) -> ChunkPlan | None:
+        """Chunk mode's windows beside a hypothesis this long; None when there is no room."""
+        assert self._chunking is not None
+        room = self._max_length - self._num_special - hypothesis_length
+        window = min(self._chunking.window_tokens or room, room)
+        if window < 1:
+            return None
+        return ChunkPlan.of(window, self._chunking.overlap_tokens, self._chunking.max_chunks)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         """One outcome per request; a failing event gets a ScoreError, the rest are scored."""
@@ -446,57 +558,103 @@ class NliScorer:
             except Exception as exc:
                 hypotheses.append(exc)
         texts = list(dict.fromkeys(request.text for request in requests))
-        # Cutting at the model maximum loses nothing: a pair keeps fewer premise tokens.
-        premises = dict(zip(texts, self._tokenize(texts, self._max_length), strict=True))
+        # Truncate mode: cutting at the model maximum loses nothing, a pair keeps fewer
+        # premise tokens. Chunk mode reads on (texts are bounded by max_text_chars).
+        limit = None if self._chunking is not None else self._max_length
+        premises = dict(zip(texts, self._tokenize(texts, limit), strict=True))
         wanted = {h for hs in hypotheses if not isinstance(hs, Exception) for h in hs}
         hypothesis_ids = self._hypothesis_ids(wanted)
-        keys: dict[tuple[str, str], int] = {}
-        ordered: list[tuple[str, str]] = []
-        for request, hyps in zip(requests, hypotheses, strict=True):
+        windows = [self._window(hyps, hypothesis_ids) for hyps in hypotheses]
+        keys: dict[_PairKey, int] = {}
+        ordered: list[_PairKey] = []
+        for request, hyps, window in zip(requests, hypotheses, windows, strict=True):
             for hypothesis in hyps if not isinstance(hyps, Exception) else ():
-                if (request.text, hypothesis) not in keys:
-                    keys[(request.text, hypothesis)] = len(ordered)
-                    ordered.append((request.text, hypothesis))
-        built = self._build_pairs(ordered, premises, hypothesis_ids)
-        pairs: list[EncodedPair] = []
-        slot: dict[int, int | Exception] = {}
-        for index, item in enumerate(built):
-            if isinstance(item, Exception):
-                slot[index] = item
-            else:
-                slot[index] = len(pairs)
-                pairs.append(item)
-        refs: list[list[int] | BaseException] = []
-        for request, hyps in zip(requests, hypotheses, strict=True):
+                key = (request.text, hypothesis, window)
+                if key not in keys:
+                    keys[key] = len(ordered)
+                    ordered.append(key)
+        slot = self._slots(self._build_pairs(ordered, premises, hypothesis_ids))
+        refs: list[_Refs] = []
+        for request, hyps, window in zip(requests, hypotheses, windows, strict=True):
             if isinstance(hyps, Exception):
                 refs.append(hyps)
                 continue
-            positions = [slot[keys[(request.text, h)]] for h in hyps]
+            positions = [slot.rows[keys[(request.text, h, window)]] for h in hyps]
             errors = [p for p in positions if isinstance(p, Exception)]
-            refs.append(errors[0] if errors else [p for p in positions if isinstance(p, int)])
-        return _Encoded(pairs=pairs, refs=refs)
+            refs.append(errors[0] if errors else [p for p in positions if isinstance(p, list)])
+        return _Encoded(pairs=slot.pairs, refs=refs)
+
+    def _window(
+        self, hyps: list[str] | Exception, hypothesis_ids: dict[str, tuple[int, ...] | Exception]
+    ) -> int | None:
+        """Chunk mode: the event's window, the room beside its longest hypothesis (capped at
+        ``window_tokens``); 0 when there is no room, None in truncate mode or on an error
+        (which the pairs report)."""
+        if self._chunking is None or isinstance(hyps, Exception):
+            return None
+        lengths = [len(ids) for h in hyps if not isinstance(ids := hypothesis_ids[h], Exception)]
+        if len(lengths) < len(hyps):
+            return None
+        plan = self._chunk_plan(max(lengths))
+        return 0 if plan is None else plan.window
+
+    @staticmethod
+    def _slots(built: list[_Built]) -> _Slots:
+        """Number the built pairs: each key gets its rows in ``pairs``, or its error."""
+        pairs: list[EncodedPair] = []
+        rows: list[list[int] | Exception] = []
+        for item in built:
+            if isinstance(item, Exception):
+                rows.append(item)
+            else:
+                rows.append(list(range(len(pairs), len(pairs) + len(item))))
+                pairs.extend(item)
+        return _Slots(pairs=pairs, rows=rows)
 
     def _build_pairs(
         self,
-        keys: list[tuple[str, str]],
+        keys: list[_PairKey],
         premises: dict[str, list[int] | Exception],
         hypotheses: dict[str, tuple[int, ...] | Exception],
-    ) -> list[EncodedPair | Exception]:
-        built: list[EncodedPair | Exception] = []
-        for text, hypothesis in keys:
+    ) -> list[_Built]:
+        built: list[_Built] = []
+        for text, hypothesis, window in keys:
             premise, hyp = premises[text], hypotheses[hypothesis]
             if isinstance(premise, Exception):
                 built.append(premise)
             elif isinstance(hyp, Exception):
                 built.append(hyp)
             elif self._template is None:
-                built.append(self._tokenizer_pair(text, hypothesis, len(premise), len(hyp)))
+                pair = self._tokenizer_pair(text, hypothesis, len(premise), len(hyp))
+                built.append(pair if isinstance(pair, Exception) else [pair])
             else:
                 try:
-                    built.append(self._template_pair(premise, hyp))
+                    if window is None:
+                        built.append([self._template_pair(premise, hyp)])
+                    else:
+                        built.append(self._chunk_pairs(premise, hyp, window))
                 except Exception as exc:
                     built.append(exc)
         return built
+
+    def _chunk_pairs(
+        self, premise: list[int], hypothesis: tuple[int, ...], window: int
+    ) -> list[EncodedPair]:
+        """One pair per window of the premise; each says whether the cap left text unread."""
+        assert self._template is not None
+        assert self._chunking is not None
+        if window < 1:
+            raise HypothesisTooLongError(
+                f"the event's longest hypothesis leaves no room for the text within the"
+                f" model's maximum of {self._max_length} tokens"
+            )
+        plan = ChunkPlan.of(window, self._chunking.overlap_tokens, self._chunking.max_chunks)
+        chunks, capped = premise_windows(premise, plan)
+        pairs = []
+        for chunk in chunks:
+            ids, types = self._template.build(chunk, hypothesis, self._with_types)
+            pairs.append(EncodedPair(ids, types, capped))
+        return pairs
 
     def _template_pair(self, premise: list[int], hypothesis: tuple[int, ...]) -> EncodedPair:
         assert self._template is not None
@@ -663,7 +821,7 @@ class NliScorer:
     def _outcome(
         self,
         request: ScoreRequest,
-        refs: list[int] | BaseException,
+        refs: _Refs,
         *,
         pairs: list[EncodedPair],
         failures: dict[int, BaseException],
@@ -673,13 +831,15 @@ class NliScorer:
     ) -> ScoreOutcome:
         if isinstance(refs, BaseException):
             return ScoreError.from_exception(refs)
-        failed = next((failures[i] for i in refs if i in failures), None)
+        failed = next((failures[i] for rows in refs for i in rows if i in failures), None)
         if failed is not None:
             return ScoreError.from_exception(failed)
-        if request.multi_label or len(refs) == 1:
-            scores = [multi[i] for i in refs]
-        else:
-            scores = _softmax([entail[i] for i in refs])
+        # Per label, the per-window values its score comes from (one window: truncate mode).
+        single = not request.multi_label and len(refs) > 1
+        source = entail if single else multi
+        per_window = [[source[i] for i in rows] for rows in refs]
+        aggregated = [self._aggregate(values) for values in per_window]
+        scores = _softmax(aggregated) if single else aggregated
         if not all(math.isfinite(score) for score in scores):
             # fp16 overflow or a broken model: a NaN must not reach the output topic.
             return ScoreError(
@@ -687,26 +847,47 @@ class NliScorer:
                 message=f"model {self._name!r} produced non-finite scores {scores}",
             )
         order = sorted(range(len(refs)), key=lambda k: -scores[k])
+        nli = None
+        if probs is not None:
+            nli = self._nli(
+                request,
+                [rows[_argmax(v)] for rows, v in zip(refs, per_window, strict=True)],
+                refs,
+                order,
+                probs,
+            )
         return LabelScores(
             labels=tuple(request.labels[k] for k in order),
             scores=tuple(scores[k] for k in order),
-            truncated=any(pairs[i].truncated for i in refs),
-            nli=None if probs is None else self._nli(request, refs, order, probs),
+            truncated=any(pairs[i].truncated for rows in refs for i in rows),
+            nli=nli,
+            chunks=None if self._chunking is None else len(refs[0]),
         )
+
+    def _aggregate(self, values: list[float]) -> float:
+        """A label's value over its windows: the chunk mode's max or mean (one: itself)."""
+        if self._chunking is not None and self._chunking.aggregation == "mean":
+            return _mean(values)
+        return max(values)
 
     def _nli(
         self,
         request: ScoreRequest,
-        refs: list[int],
+        best: list[int],
+        refs: list[list[int]],
         order: list[int],
         probs: list[list[float]],
     ) -> dict[str, NliProbabilities]:
+        """Per label, the probabilities of its best window (``max``) or their mean."""
         labels = self._labels
-        return {
-            request.labels[k]: NliProbabilities(
-                entailment=probs[refs[k]][labels.entailment],
-                contradiction=probs[refs[k]][labels.named_contradiction],
-                neutral=None if labels.neutral is None else probs[refs[k]][labels.neutral],
+        mean = self._chunking is not None and self._chunking.aggregation == "mean"
+        found: dict[str, NliProbabilities] = {}
+        for k in order:
+            rows = refs[k] if mean else [best[k]]
+            row = [_mean([probs[i][column] for i in rows]) for column in range(labels.num_labels)]
+            found[request.labels[k]] = NliProbabilities(
+                entailment=row[labels.entailment],
+                contradiction=row[labels.named_contradiction],
+                neutral=None if labels.neutral is None else row[labels.neutral],
             )
-            for k in order
-        }
+        return found

@@ -9,6 +9,9 @@ with the token types of each part. :func:`derive_pair_template` reads that layou
 tokenizer itself and checks it against the tokenizer on probe pairs (including a truncated
 one); a tokenizer whose layout cannot be reproduced gets ``None`` and the scorer falls back
 to letting the tokenizer encode the pairs.
+
+In chunk mode (``TAGSTREAM_LONG_TEXT=chunk``) a premise longer than the model reads is cut
+into overlapping windows (:func:`premise_windows`), each paired with every hypothesis.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from worker.config.settings import MAX_OVERLAP_DIVISOR
 from worker.errors import HypothesisTooLongError
 
 TOKEN_TYPE_IDS = "token_type_ids"
@@ -92,6 +96,45 @@ def fit_premise(
             f" the model's maximum of {max_length} tokens"
         )
     return (premise[-room:] if truncate_left else premise[:room]), True
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """How a long premise is read in chunk mode: window size, step between windows, cap."""
+
+    window: int
+    stride: int
+    max_chunks: int
+
+    @classmethod
+    def of(cls, window: int, overlap: int, max_chunks: int) -> ChunkPlan:
+        """``overlap`` is kept to at most half of ``window``, so windows always advance."""
+        if window < 1 or max_chunks < 1:
+            raise ValueError("a chunk window and the chunk cap must be at least 1")
+        kept = min(overlap, window // MAX_OVERLAP_DIVISOR)
+        return cls(window=window, stride=window - kept, max_chunks=max_chunks)
+
+    @property
+    def most_tokens(self) -> int:
+        """Premise tokens the capped windows cover at most."""
+        return self.window + (self.max_chunks - 1) * self.stride
+
+
+def premise_windows(premise: Sequence[int], plan: ChunkPlan) -> tuple[list[Sequence[int]], bool]:
+    """The premise cut into windows of ``plan.window`` tokens that start ``plan.stride``
+    apart (the last one may be shorter), at most ``plan.max_chunks`` of them; and whether
+    tokens past the last window were left unread.
+
+    A premise that fits one window is one window, itself.
+    """
+    windows: list[Sequence[int]] = []
+    start = 0
+    while len(windows) < plan.max_chunks:
+        windows.append(premise[start : start + plan.window])
+        if start + plan.window >= len(premise):
+            return windows, False
+        start += plan.stride
+    return windows, True
 
 
 def _ids(encoding: Any, key: str = "input_ids") -> list[int]:

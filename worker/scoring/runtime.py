@@ -8,8 +8,9 @@ already in the local cache loads offline when ``HF_HUB_OFFLINE=1`` is set, exact
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 import torch
@@ -22,6 +23,10 @@ from transformers import (
 )
 
 from worker.config.settings import ModelSettings
+from worker.errors import ScorerConfigError
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+QUANTIZED_LINEAR = torch.ao.nn.quantized.dynamic.Linear
 
 log = structlog.get_logger(__name__)
 
@@ -30,6 +35,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+# Loaded in float32, then the linear layers are quantized (quantize_linear): CPU only.
+INT8 = "int8"
 # Reported for a local model directory that is not a git checkout.
 LOCAL_REVISION = "local"
 # Reported for a hub id given without a revision and not found in the local cache.
@@ -70,12 +77,25 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA GPUs that support it, float16 on other GPUs, float32 on CPU."""
+    """``auto``: bfloat16 on CUDA GPUs that support it, float16 on other GPUs, float32 on CPU.
+
+    ``int8`` loads in float32 (:func:`quantize_linear` then quantizes) and only on the CPU:
+    raises :class:`~worker.errors.ScorerConfigError` naming the setting on any other device.
+    """
+    if spec == INT8:
+        if device.type != "cpu":
+            raise ScorerConfigError(
+                f"TAGSTREAM_DTYPE=int8 runs on the CPU only, but the model would run on"
+                f" {device}: set TAGSTREAM_DEVICE=cpu or another TAGSTREAM_DTYPE"
+            )
+        return torch.float32
     if spec != "auto":
         try:
             return DTYPES[spec]
         except KeyError:
-            raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {spec!r}") from None
+            raise ValueError(
+                f"dtype must be auto, {', '.join(DTYPES)} or {INT8}; got {spec!r}"
+            ) from None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
@@ -86,6 +106,28 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def quantize_linear(model: ModelT) -> ModelT:
+    """``model`` with every ``nn.Linear`` replaced by a dynamically quantized int8 one.
+
+    Weights are stored in int8 once; activations are quantized per batch at run time, so no
+    calibration data is needed. Embeddings and layer norms stay in float32. CPU only.
+    """
+    quantize: Callable[..., torch.nn.Module] = torch.ao.quantization.quantize_dynamic
+    return cast(ModelT, quantize(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True))
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether :func:`quantize_linear` has replaced any of ``model``'s linear layers."""
+    return any(isinstance(module, QUANTIZED_LINEAR) for module in model.modules())
+
+
+def model_dtype_name(model: torch.nn.Module) -> str:
+    """``"int8"`` for a quantized model, else its parameters' dtype (``"float32"``)."""
+    if is_quantized(model):
+        return INT8
+    return dtype_name(next(model.parameters()).dtype)
 
 
 def _git_commit(directory: Path) -> str | None:
@@ -221,7 +263,8 @@ def load_sequence_classifier(
     resolved revision is the snapshot commit hash for a hub id, the directory's git commit
     or ``"local"`` for a directory. Weights must be safetensors unless ``allow_pickle``.
     The model is moved to ``device``, cast to ``dtype`` and put in eval mode; attention
-    uses SDPA where the model class supports it.
+    uses SDPA where the model class supports it. ``TAGSTREAM_DTYPE=int8`` then quantizes its
+    linear layers (:func:`quantize_linear`).
     """
     is_local = Path(settings.model).expanduser().is_dir()
     model = _load_model(settings, None if is_local else settings.revision, dtype)
@@ -238,12 +281,14 @@ def load_sequence_classifier(
     )
     torch.nn.Module.to(model, device)
     model.train(False)
+    if settings.dtype == INT8:
+        model = quantize_linear(model)
     log.info(
         "model loaded",
         model=settings.model,
         revision=resolved,
         device=str(device),
-        dtype=dtype_name(dtype),
+        dtype=model_dtype_name(model),
         attention=getattr(model.config, "_attn_implementation", None),
     )
     return model, tokenizer, resolved

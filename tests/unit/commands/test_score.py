@@ -173,6 +173,20 @@ def test_nli_tiny_model_with_probabilities(tiny_bart_dir: Path) -> None:
             assert total == pytest.approx(1.0, abs=1e-4)
 
 
+def test_nli_chunk_mode_and_int8_say_how_many_windows_were_read(tiny_bart_dir: Path) -> None:
+    """A text past two windows of the tiny model (128 tokens) is read on two and says so."""
+    long = orjson.dumps({"text": " ".join(["the team won the game at the stadium ."] * 60)})
+    stdin = b"\n".join([long, WEATHER.encode()])
+    args = ["--model", str(tiny_bart_dir), "--labels", "sports,weather", "--device", "cpu"]
+    result = run_cli([*args, "--long-text", "chunk", "--max-chunks", "2", "--dtype", "int8"], stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    events = scored_lines(result.stdout)
+    assert [(e.chunks_read, e.truncated) for e in events] == [(2, True), (1, False)]
+    truncating = run_cli(args, stdin)
+    assert truncating.returncode == 0, truncating.stderr.decode()
+    assert b"chunks_read" not in truncating.stdout
+
+
 class RecordingScorer:
     """Scores every label 0.5 except the first (0.9); records the batch sizes it got."""
 
@@ -215,3 +229,11 @@ def test_score_lines_batches_and_keeps_input_order() -> None:
     assert [event.source.offset for event in events] == [1, 2, 4, 6, 7]
     assert [event.id for event in events] == ["-:0:1", "-:0:2", "-:0:4", "-:0:6", "-:0:7"]
     assert all(event.tags == ["a", "b"] for event in events)
+
+
+def test_a_line_naming_a_profile_is_reported_not_scored_with_the_defaults() -> None:
+    stdin = "\n".join([SPORTS, '{"text": "The match ended 2-1.", "profile": "news"}', ""])
+    args = ["--scorer", "embedding", "--labels", "sports,weather", "--device", "cpu"]
+    result = run_cli(args, stdin=stdin.encode())
+    assert len(scored_lines(result.stdout)) == 1
+    assert "line 2: validate: profile: unknown profile 'news'" in result.stderr.decode()

@@ -21,7 +21,12 @@ from worker.config.observability import ObservabilitySettings
 from worker.config.serve import ServeBatching, ServeSettings
 from worker.config.settings import KafkaSettings, ModelSettings
 from worker.errors import ConfigError
-from worker.kafka.config import consumer_config, producer_config, security_config
+from worker.kafka.config import (
+    consumer_config,
+    control_consumer_config,
+    producer_config,
+    security_config,
+)
 from worker.observability.setup import start_observability
 from worker.pipeline.delivery import RETRY_BACKOFF_MAX_S, backoff_delay
 
@@ -393,3 +398,32 @@ def test_a_bad_limit_stops_start_up_naming_it(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
         load_run_settings(flags={"input_topics": "in", "output_topic": "out"})
+
+
+def test_profile_settings_default_to_off_with_documented_limits() -> None:
+    profiles = load_run_settings(flags=REQUIRED).profiles
+    assert profiles.control_topic is None
+    assert (profiles.max_profiles, profiles.max_profile_record_bytes) == (1000, 65536)
+    assert profiles.control_load_timeout_s == 60.0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("max_profiles", "0"),
+        ("max_profile_record_bytes", "10"),
+        ("control_load_timeout_s", "0"),
+        ("control_topic", ""),
+    ],
+)
+def test_a_bad_profile_setting_stops_start_up_naming_it(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"TAGSTREAM_{name.upper()}"):
+        load_run_settings(flags={**REQUIRED, name: value})
+
+
+def test_the_control_reader_stays_outside_the_input_group() -> None:
+    kafka = load_run_settings(flags=REQUIRED).kafka
+    config = control_consumer_config(kafka)
+    assert config["group.id"] != kafka.group_id
+    assert config["enable.auto.commit"] is False
+    assert config["isolation.level"] == "read_committed"

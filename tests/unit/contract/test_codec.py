@@ -11,6 +11,7 @@ from tests.support.oracle import build_scored_event, encode_scored_event
 from worker.config.settings import TaggingSettings
 from worker.contract.codec import encode_output, to_request
 from worker.contract.events import DEFAULT_HYPOTHESIS_TEMPLATE, InputEvent, ScoredEvent, Source
+from worker.contract.profiles import Profile
 from worker.contract.scorer import LabelScores, ModelInfo, NliProbabilities, ScoreRequest
 from worker.errors import NoLabelsError, ScoresError, ValidateError
 
@@ -191,8 +192,18 @@ def test_encoding_writes_the_same_bytes_as_the_pydantic_dump() -> None:
         _build(InputEvent(text="t", id="x", metadata={"k": [1, {"n": None}]}), with_nli),
         _build(InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI),
     ]
+    profile = Profile("news", 7, ("a",), True, "It is {}.", 0.5)
+    request = to_request(InputEvent(text="t"), with_nli, profile)
+    events.append(
+        build_scored_event(
+            InputEvent(text="t"), request, SCORES, SOURCE, with_nli, MODEL, SCORED_AT, profile
+        )
+    )
+    chunked = SCORES._replace(chunks=3)
+    events.append(_build(InputEvent(text="t"), with_nli, chunked))
     for scored in events:
-        exclude = {"nli"} if scored.nli is None else None
+        optional = ("nli", "profile", "chunks_read")
+        exclude = {name for name in optional if getattr(scored, name) is None}
         expected = orjson.dumps(scored.model_dump(exclude=exclude), option=options)
         assert encode_scored_event(scored) == expected
 
@@ -220,6 +231,7 @@ def test_encode_output_writes_the_bytes_of_the_built_scored_event() -> None:
         (InputEvent(text="t", id="x", metadata={"k": [1, None]}), with_nli, SCORES, SCORED_AT),
         (InputEvent(text="t", multi_label=False), with_nli, SCORES_WITH_NLI, SCORED_AT),
         (InputEvent(text="t"), thresholds, SCORES_WITH_NLI, datetime(2024, 5, 6, 7, 0, 0)),
+        (InputEvent(text="t"), with_nli, SCORES_WITH_NLI._replace(chunks=2), SCORED_AT),
     ]
     for event, tagging, scores, moment in cases:
         request = to_request(event, tagging)
@@ -232,9 +244,21 @@ def test_encode_output_writes_every_field_of_the_contract_in_its_order() -> None
     """A field added to ScoredEvent must reach the wire: the encoder writes the keys itself."""
     tagging = TaggingSettings(labels=["a"], include_nli_probs=True)
     event = InputEvent(text="t")
-    request = to_request(event, tagging)
-    raw = encode_output(event, request, SCORES_WITH_NLI, _Record(), tagging, MODEL, SCORED_AT)
+    profile = Profile("news", 7, ("sports", "politics"), True, "It is {}.", 0.5)
+    request = to_request(event, tagging, profile)
+    scores = SCORES_WITH_NLI._replace(chunks=4)
+    raw = encode_output(event, request, scores, _Record(), tagging, MODEL, SCORED_AT, profile)
     assert list(orjson.loads(raw)) == list(ScoredEvent.model_fields)
+    assert orjson.loads(raw)["chunks_read"] == 4
+
+
+def test_chunks_read_is_left_out_in_truncate_mode() -> None:
+    tagging = TaggingSettings(labels=["a"])
+    event = InputEvent(text="t")
+    raw = encode_output(
+        event, to_request(event, tagging), SCORES, _Record(), tagging, MODEL, SCORED_AT
+    )
+    assert "chunks_read" not in orjson.loads(raw)
 
 
 @pytest.mark.parametrize(
@@ -254,3 +278,58 @@ def test_encode_output_refuses_scores_that_break_the_contract(scores: LabelScore
         encode_output(
             event, to_request(event, tagging), scores, _Record(), tagging, MODEL, SCORED_AT
         )
+
+
+# -- label profiles ----------------------------------------------------------------------
+
+NEWS = Profile(
+    name="news",
+    version=12,
+    labels=("sports", "politics", "finance"),
+    multi_label=False,
+    hypothesis_template="This story is about {}.",
+    threshold=0.9,
+    label_thresholds={"politics": 0.4},
+)
+
+
+def test_a_profile_replaces_the_configured_defaults() -> None:
+    tagging = TaggingSettings(labels=["weather"], multi_label=True, hypothesis_template="X {}")
+    request = to_request(InputEvent(text="hello"), tagging, NEWS)
+    assert request == ScoreRequest(
+        text="hello",
+        labels=("sports", "politics", "finance"),
+        multi_label=False,
+        hypothesis_template="This story is about {}.",
+    )
+
+
+def test_the_event_s_own_fields_win_over_its_profile() -> None:
+    event = InputEvent(text="t", labels=["x"], multi_label=True, hypothesis_template="Y {}")
+    request = to_request(event, TaggingSettings(), NEWS)
+    assert request == ScoreRequest(
+        text="t", labels=("x",), multi_label=True, hypothesis_template="Y {}"
+    )
+
+
+def test_a_profile_s_thresholds_make_the_tags_and_the_output_names_it() -> None:
+    tagging = TaggingSettings(labels=["a"], threshold=0.1)
+    event = InputEvent(text="t", multi_label=True)
+    request = to_request(event, tagging, NEWS)
+    raw = encode_output(event, request, SCORES, _Record(), tagging, MODEL, SCORED_AT, NEWS)
+    scored = orjson.loads(raw)
+    # sports 0.91 passes the profile's 0.9, politics 0.5 its own 0.4, finance 0.2 neither
+    # (the settings' 0.1 would have tagged all three).
+    assert scored["tags"] == ["sports", "politics"]
+    assert scored["profile"] == {"name": "news", "version": 12}
+    built = build_scored_event(event, request, SCORES, SOURCE, tagging, MODEL, SCORED_AT, NEWS)
+    assert raw == encode_scored_event(built)
+
+
+def test_without_a_profile_the_output_has_no_profile_field() -> None:
+    tagging = TaggingSettings(labels=["a"])
+    event = InputEvent(text="t")
+    raw = encode_output(
+        event, to_request(event, tagging), SCORES, _Record(), tagging, MODEL, SCORED_AT
+    )
+    assert "profile" not in orjson.loads(raw)

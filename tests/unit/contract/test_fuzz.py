@@ -65,6 +65,9 @@ event_like = st.fixed_dictionaries(
         "multi_label": st.booleans() | json_values,
         "hypothesis_template": st.text(max_size=40) | st.sampled_from(["{}", "a {} b", "{:>9}"]),
         "metadata": st.dictionaries(st.text(max_size=8), json_values, max_size=4) | json_values,
+        "profile": st.text(max_size=12)
+        | st.sampled_from(["default", "news.v2", "a" * 101, "-x", "é"])
+        | json_values,
     },
 )
 

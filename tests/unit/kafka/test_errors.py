@@ -6,7 +6,15 @@ import pytest
 from confluent_kafka import KafkaError
 
 from worker.errors import RecordRef
-from worker.kafka.errors import ErrorKind, classify, client_error, delivery_error, fatal_error
+from worker.kafka.errors import (
+    ErrorKind,
+    TxnAction,
+    classify,
+    client_error,
+    delivery_error,
+    fatal_error,
+    transaction_action,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,11 +32,31 @@ from worker.kafka.errors import ErrorKind, classify, client_error, delivery_erro
         (KafkaError.INVALID_RECORD, ErrorKind.REJECTED),
         (KafkaError.INVALID_MSG, ErrorKind.REJECTED),
         (KafkaError.POLICY_VIOLATION, ErrorKind.REJECTED),
+        # A neighbour in the same produce request was the invalid one: sent again.
+        (KafkaError._INVALID_DIFFERENT_RECORD, ErrorKind.RETRIABLE),
         (KafkaError.UNSUPPORTED_VERSION, ErrorKind.FATAL),
     ],
 )
 def test_error_classification(code: int, kind: ErrorKind) -> None:
     assert classify(KafkaError(code)) is kind
+
+
+@pytest.mark.parametrize(
+    ("error", "action"),
+    [
+        (KafkaError(KafkaError._FENCED, fatal=True), TxnAction.FENCED),
+        (KafkaError(KafkaError.INVALID_PRODUCER_EPOCH, fatal=True), TxnAction.FENCED),
+        # EndTxn after a coordinator restart that already ended the transaction.
+        (KafkaError(KafkaError.INVALID_TXN_STATE, fatal=True), TxnAction.FENCED),
+        (KafkaError(KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, fatal=True), TxnAction.FATAL),
+        (KafkaError(KafkaError._TIMED_OUT, retriable=True), TxnAction.RETRY),
+        (KafkaError(KafkaError._TIMED_OUT, txn_requires_abort=True), TxnAction.ABORT),
+    ],
+)
+def test_a_failed_transactional_call_says_what_it_needs(
+    error: KafkaError, action: TxnAction
+) -> None:
+    assert transaction_action(error) is action
 
 
 def test_a_delivery_error_is_classified_and_keeps_the_client_s_words() -> None:

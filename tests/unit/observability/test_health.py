@@ -82,6 +82,34 @@ def test_readyz_waits_for_model_and_group_then_fails_during_shutdown(
     assert _json(server.port, "/readyz") == (503, {"status": "shutting_down"})
 
 
+def test_readiness_waits_for_the_control_topic_once_it_is_loading(health: HealthState) -> None:
+    health.mark_model_ready()
+    health.mark_joined()
+    assert health.readiness().ok  # no control topic: nothing to wait for
+    health.mark_profiles_loading()
+    assert health.readiness().body == {"status": "not_ready", "waiting_for": ["profiles"]}
+    health.mark_profiles_loaded()
+    assert health.readiness().ok
+
+
+def test_the_metrics_observer_holds_readiness_while_profiles_load() -> None:
+    obs_settings = ObservabilitySettings(metrics_port=0)
+    obs = start_observability(obs_settings, max_batch_size=8, metrics=new_metrics())
+    obs.health.mark_model_ready()
+    obs.health.mark_joined()
+    obs.observer.profiles_loading()
+    assert obs.health.readiness().body["waiting_for"] == ["profiles"]
+    obs.observer.profiles_loaded(3)
+    assert obs.health.readiness().ok
+    obs.observer.profile_changed("set", 4)
+    obs.observer.profile_rejected("invalid")
+    exposition = obs.metrics.exposition().decode()
+    assert "tagstream_label_profiles 4.0" in exposition
+    assert 'tagstream_profile_changes_total{kind="set"} 1.0' in exposition
+    assert 'tagstream_profile_records_rejected_total{reason="invalid"} 1.0' in exposition
+    assert 'tagstream_profile_records_rejected_total{reason="too_many"} 0.0' in exposition
+
+
 def test_readiness_is_lost_with_the_group_membership(health: HealthState) -> None:
     health.mark_model_ready()
     health.mark_joined()

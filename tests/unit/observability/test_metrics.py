@@ -60,6 +60,7 @@ EXPECTED_FAMILIES = {
         "tagstream_circuit_open",
         "tagstream_ready",
         "tagstream_assigned_partitions",
+        "tagstream_label_profiles",
         "tagstream_consumer_lag_messages",
         "tagstream_consumer_lag_seconds",
         "tagstream_gpu_memory_allocated_bytes",
@@ -76,6 +77,7 @@ UNIT_SUFFIXES = (
     "_messages",
     "_partitions",
     "_batches",
+    "_profiles",
     "_info",
 )
 

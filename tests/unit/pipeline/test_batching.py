@@ -46,6 +46,19 @@ def _offsets(batch: Batch) -> list[int]:
     return [item.origin.record.offset for item in batch.items]
 
 
+def test_a_new_profile_revision_closes_the_open_batch() -> None:
+    """One batch is resolved against one profile table: it never mixes versions."""
+    batcher = Batcher(max_size=10, max_wait_s=1.0, max_tokens=10_000, clock=Clock())
+    for offset, revision in enumerate([0, 0, 1, 1, 1, 3]):
+        batcher.add(_item(offset), revision)
+    assert [_offsets(batch) for batch in batcher.ready] == [[0, 1], [2, 3, 4]]
+    assert [batch.key for batch in batcher.ready] == [0, 1]
+    assert all(batch.reason is CloseReason.PROFILES for batch in batcher.ready)
+    batcher.flush()
+    assert _offsets(batcher.ready[-1]) == [5]
+    assert batcher.ready[-1].key == 3
+
+
 def test_a_batch_closes_at_max_batch_size() -> None:
     closed: list[Batch] = []
     batcher = Batcher(

@@ -15,21 +15,29 @@ from typing import Final
 
 import orjson
 import pytest
+from confluent_kafka import KafkaError
 
 from tests.support.fake_kafka import FakeClients, FakeProducer, record
 from tests.support.scorers import FakeScorer
 from worker.config.loading import RunSettings, load_run_settings
 from worker.config.settings import ModelSettings
-from worker.contract.deadletter import WorkerIdentity
-from worker.errors import ConfigError
-from worker.kafka.errors import ClientError, ErrorKind, TxnAction, TxnError
+from worker.contract.deadletter import HEADER_STAGE, WorkerIdentity
+from worker.errors import ConfigError, TransactionStuckError
+from worker.kafka.errors import (
+    ClientError,
+    ErrorKind,
+    TxnAction,
+    TxnError,
+    delivery_error,
+    stuck_error,
+)
 from worker.kafka.producer import DeliveryReport
 from worker.kafka.records import OutHeaders, PartitionKey
 from worker.observability.metrics import TRANSACTION_ABORT_REASONS
-from worker.pipeline.delivery import Outbound, ProducerStage
+from worker.pipeline.delivery import PRODUCER_CLOSE_WAIT_S, Outbound, ProducerStage
 from worker.pipeline.observer import Observer
 from worker.pipeline.offsets import OffsetTracker, Tracked
-from worker.pipeline.transactions import AbortReason, transactional_id
+from worker.pipeline.transactions import MAX_STUCK_PRODUCERS, AbortReason, transactional_id
 from worker.pipeline.worker import Worker
 
 TOPIC: Final = "news"
@@ -171,6 +179,46 @@ def test_a_failed_delivery_aborts_and_rewinds_to_the_committed_offsets(
     assert len(clients.producer.committed) == 5
 
 
+def test_an_output_the_broker_rejects_is_dead_lettered_inside_the_transaction_only(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    # A compacted output refuses the keyless output, and with it every record of its
+    # produce request: the replay sends each suspect alone, the culprit is dead-lettered.
+    rejected = delivery_error(KafkaError(KafkaError.INVALID_RECORD))
+    clients.refuse_keyless["news.tagged"] = rejected
+    clients.input.assign([P0])
+    inputs = [
+        record(TOPIC, 0, offset, value, None if offset == 2 else f"k{offset}".encode())
+        for offset, value in enumerate(_events(6))
+    ]
+    clients.input.records.extend(inputs)
+    refetched: list[int] = []
+
+    def committed_all() -> bool:
+        # The broker's answer to a seek: the records from its position are fetched again.
+        for seek in clients.input.seeks[len(refetched) :]:
+            refetched.append(seek[P0])
+            clients.input.records.extend(inputs[seek[P0] :])
+        return clients.producer.txn_offsets[-1:] == [{P0: 6}]
+
+    _step_until(worker, committed_all)
+    # Nothing was written outside the transactional producer: a record sent alone went
+    # through it too (a non-transactional write is visible at once, never aborted).
+    assert len(clients.producers) == 1
+    committed = clients.producer.committed
+    outputs = sorted(sent.key or b"" for sent in committed if sent.topic == "news.tagged")
+    assert outputs == [b"k0", b"k1", b"k3", b"k4", b"k5"]
+    dead = [sent for sent in committed if sent.topic == "news.tagged.dlq"]
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert (headers[HEADER_STAGE], headers["tagstream.error.class"]) == (
+        b"produce",
+        b"INVALID_RECORD",
+    )
+    # One abort for the request, one for the culprit refused alone.
+    assert observer.aborted == [str(AbortReason.PRODUCE_ERROR)] * 2
+
+
 def test_a_revoke_commits_the_open_transaction_before_the_partitions_go(
     slow_worker: Worker, clients: FakeClients
 ) -> None:
@@ -211,7 +259,61 @@ def test_a_fenced_producer_is_replaced(
     _step_until(worker, lambda: len(clients.producers) == 2)
     assert observer.aborted == [str(AbortReason.FENCED)]
     assert clients.producers[0].purged
+    # Closed off the main thread, with a bounded wait: its close may hang on a coordinator.
+    assert clients.producers[0].abandon_waits == [PRODUCER_CLOSE_WAIT_S]
     assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+
+
+def test_a_producer_that_failed_fatally_is_replaced(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    worker.step()
+    # The sequence desynchronization a broker restart can leave: fatal for this producer.
+    clients.producer.on_error(
+        ClientError(45, "OUT_OF_ORDER_SEQUENCE_NUMBER", "out of order", ErrorKind.FATAL)
+    )
+    _step_until(worker, lambda: len(clients.producers) == 2)
+    assert observer.aborted == [str(AbortReason.FENCED)]
+    assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+    worker.check_health()
+
+
+def test_a_producer_stuck_in_a_transactional_call_is_replaced(
+    worker: Worker, clients: FakeClients, observer: Counting
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    clients.producer.txn_errors["send_offsets"] = deque([stuck_error("send_offsets", 1.0)])
+    _step_until(worker, lambda: len(clients.producers) == 2)
+    assert observer.aborted == [str(AbortReason.STUCK)]
+    # Not asked to abort: a stuck client refuses a second transactional call.
+    assert "abort" not in clients.producers[0].txn_calls
+    assert clients.producers[1].txn_calls[:2] == ["init", "begin"]
+    assert clients.input.seeks == [{P0: 0}]
+    # The replay after the rewind commits on the new producer.
+    _feed(clients, 0, _events(1))
+    _step_until(worker, lambda: clients.producers[1].txn_offsets == [{P0: 1}])
+    assert len(clients.producers[1].committed) == 1
+
+
+def test_a_worker_whose_producers_keep_getting_stuck_stops(
+    worker: Worker, clients: FakeClients
+) -> None:
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(1))
+    built = 0
+    with pytest.raises(TransactionStuckError, match="hung inside the client"):
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            for producer in clients.producers[built:]:
+                producer.txn_errors["send_offsets"] = deque([stuck_error("send_offsets", 1.0)])
+            built = len(clients.producers)
+            worker.step()
+            time.sleep(0.002)
+    # The first producer and MAX_STUCK_PRODUCERS replacements; the last one hung as well.
+    assert len(clients.producers) == MAX_STUCK_PRODUCERS + 1
 
 
 def test_every_abort_reason_has_a_metric_series() -> None:

@@ -181,6 +181,54 @@ def test_a_lost_partition_commits_nothing_past_its_start(
     assert P0 not in worker.tracker
 
 
+REJOIN_TIMEOUT_S: Final = 0.05
+
+
+def test_a_consumer_given_nothing_after_a_loss_is_replaced_once(clients: FakeClients) -> None:
+    worker = _worker(clients, _settings(rejoin_timeout_s=REJOIN_TIMEOUT_S))
+    clients.input.assign([P0])
+    worker.step()
+    clients.input.lose([P0])
+    worker.step()
+    first = clients.input
+    time.sleep(REJOIN_TIMEOUT_S * 2)
+    worker.step()
+
+    assert len(clients.consumers) == 2
+    assert first.closed and first.listener is None
+    replacement = clients.consumers[1]
+    assert replacement.listener is not None
+    assert worker.intake.consumer is replacement
+    # Once per loss: the new consumer is not replaced for the old loss.
+    time.sleep(REJOIN_TIMEOUT_S * 2)
+    worker.step()
+    assert len(clients.consumers) == 2
+    # The new consumer carries on: assigned, it is polled, and its commits go through it.
+    replacement.assign([P0])
+    _feed(clients, 0, _events(0, 1))
+    _step_until(worker, lambda: len(clients.producer) == 1)
+    clients.producer.ack_all()
+    _step_until(worker, lambda: replacement.committed(P0) == 1)
+    worker.handoff.close(discard_queued=True)
+    worker.inference.join(WAIT_S)
+
+
+def test_an_assignment_after_a_loss_keeps_the_consumer(clients: FakeClients) -> None:
+    worker = _worker(clients, _settings(rejoin_timeout_s=REJOIN_TIMEOUT_S))
+    clients.input.assign([P0])
+    worker.step()
+    clients.input.lose([P0])
+    worker.step()
+    # An empty assignment is an assignment: the group took this member back.
+    clients.input.assign([])
+    worker.step()
+    time.sleep(REJOIN_TIMEOUT_S * 2)
+    worker.step()
+    assert len(clients.consumers) == 1
+    worker.handoff.close(discard_queued=True)
+    worker.inference.join(WAIT_S)
+
+
 def test_a_partition_assigned_while_paused_starts_paused(
     worker: Worker, clients: FakeClients
 ) -> None:

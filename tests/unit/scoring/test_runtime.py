@@ -54,7 +54,8 @@ def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", torch.device("cuda:0")) == torch.float16
     assert resolve_dtype("auto", torch.device("mps")) == torch.float16
     with pytest.raises(ValueError, match="dtype must be"):
-        resolve_dtype("int8", CPU)
+        resolve_dtype("int4", CPU)
+    assert resolve_dtype("int8", CPU) == torch.float32  # loaded so, then quantized
 
 
 def test_local_model_loads_in_eval_mode_with_sdpa_where_supported(
