@@ -70,16 +70,25 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from bench.common import (
     ADMIN_TIMEOUT_S,
+    LABELS,
     MAX_EVENT_BYTES,
     MIN_EVENT_BYTES,
     READ_BATCH,
@@ -102,13 +111,18 @@ from bench.common import (
     worker_env,
     write_report,
 )
-from worker.config.settings import DEFAULT_COMMIT_INTERVAL_MS, KafkaSettings
+from worker.config.settings import DEFAULT_COMMIT_INTERVAL_MS, KafkaSettings, TaggingSettings
+from worker.contract.codec import decode_input, encode_output, to_request
+from worker.contract.deadletter import source_headers
+from worker.contract.scorer import LabelScores
 from worker.kafka.config import consumer_config, producer_config
+from worker.kafka.records import InputRecord
 from worker.pipeline.worker import POLL_MAX_RECORDS
+from worker.scoring.noop import NoopScorer
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCENARIOS: Final = ("ceiling", "noop", "noop-eos", "latency", "nli")
+SCENARIOS: Final = ("ceiling", "steps", "noop", "noop-eos", "latency", "nli")
 # The two delivery modes the latency scenario compares, by the scenario that sets them up.
 LATENCY_MODES: Final = ("noop", "noop-eos")
 EXACTLY_ONCE: Final = {"TAGSTREAM_PROCESSING_GUARANTEE": "exactly-once"}
@@ -132,6 +146,8 @@ STALL_TIMEOUT_S: Final = 120.0
 PROGRESS_EVERY_S: Final = 0.5
 # The output reader's wait for more records at each check: short, it drains what is there.
 TAIL_POLL_S: Final = 0.05
+# Longest one progress check reads outputs before it reports the count so far.
+TAIL_READ_BUDGET_S: Final = 0.25
 PRINT_EVERY_S: Final = 10.0
 # py-spy: samples per second (low enough not to slow the worker noticeably; --nonblocking
 # reads the stacks without stopping the process).
@@ -206,6 +222,12 @@ class CeilingLoop:
         if offset >= self.acked.get(partition, -1):
             self.acked[partition] = offset + 1
 
+    def outputs(self, messages: list[Message]) -> Iterator[tuple[Message, Any, Any]]:
+        """Each polled record with the value and headers to produce: unchanged here."""
+        for message in messages:
+            if message.error() is None:
+                yield message, message.value(), message.headers()
+
     def _commit(self, *, wait: bool) -> None:
         if not self.acked:
             return
@@ -227,18 +249,18 @@ class CeilingLoop:
             messages = self.consumer.consume(POLL_MAX_RECORDS, CEILING_POLL_S)
             if messages and first is None:
                 first = time.time()
-            for message in messages:
+            for message, value, headers in self.outputs(messages):
                 partition, offset = message.partition(), message.offset()
-                if message.error() is not None or partition is None or offset is None:
+                if partition is None or offset is None:
                     continue
                 callback = functools.partial(self._delivered, partition, offset)
                 while True:
                     try:
                         self.producer.produce(
                             out,
-                            value=message.value(),
+                            value=value,
                             key=message.key(),
-                            headers=message.headers(),
+                            headers=headers,
                             on_delivery=callback,
                         )
                         break
@@ -260,6 +282,37 @@ class CeilingLoop:
         return first or last, last
 
 
+class StepsLoop(CeilingLoop):
+    """The ceiling loop doing the worker's own per-record work, on one thread: per poll,
+    decode and validate every record (``decode_input``), build its request, estimate its
+    tokens and score the poll's requests in one call (the no-model scorer), then encode
+    each output (``encode_output``) with the worker's source headers. What is left out
+    against ``noop`` is the worker's architecture: the second thread and its handoff, the
+    batcher, offset tracking, delivery bookkeeping, metrics, health."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        super().__init__(bootstrap, topics)
+        self.tagging = TaggingSettings(labels=list(LABELS))
+        self.scorer = NoopScorer()
+
+    def outputs(self, messages: list[Message]) -> Iterator[tuple[Message, Any, Any]]:
+        tagging, scorer = self.tagging, self.scorer
+        records = [InputRecord.from_message(m) for m in messages if m.error() is None]
+        events = [decode_input(record.value, tagging) for record in records]
+        requests = [to_request(event, tagging) for event in events]
+        for request in requests:
+            scorer.estimate_tokens(request)
+        outcomes = scorer.score(requests)
+        scored_at = datetime.now(UTC)
+        info = scorer.info
+        for message, record, event, request, outcome in zip(
+            messages, records, events, requests, outcomes, strict=True
+        ):
+            assert isinstance(outcome, LabelScores)
+            value = encode_output(event, request, outcome, record, tagging, info, scored_at)
+            yield message, value, source_headers(record)
+
+
 def write_input(bootstrap: str, topic: str, events: int, event_bytes: int | None) -> InputWritten:
     written = produce_events(bootstrap, topic, events, event_bytes)
     print(
@@ -277,17 +330,23 @@ def add_input_rate(result: Result, written: InputWritten) -> None:
 
 
 def run_ceiling(
-    bootstrap: str, events: int, partitions: int, event_bytes: int | None = None
+    bootstrap: str,
+    events: int,
+    partitions: int,
+    event_bytes: int | None = None,
+    *,
+    scenario: str = "ceiling",
+    loop: type[CeilingLoop] = CeilingLoop,
 ) -> Result:
-    topics = Topics.create(bootstrap, "ceiling", partitions)
+    topics = Topics.create(bootstrap, scenario, partitions)
     written = write_input(bootstrap, topics.input, events, event_bytes)
     cpu_before = time.process_time()
-    first, last = CeilingLoop(bootstrap, topics).run(events)
+    first, last = loop(bootstrap, topics).run(events)
     cpu = time.process_time() - cpu_before
     committed = time.time()
     output = read_topic(bootstrap, topics.output, partitions)
     result = _result(
-        "ceiling",
+        scenario,
         events,
         output.timestamps,
         dead_letters=0,
@@ -364,7 +423,11 @@ class Progress:
         """Outputs a read_committed reader has seen so far (without visibility: reads what
         has arrived first)."""
         if self._reader is None:
-            while self._read_once():
+            # Bounded: while the worker writes, there is always more within TAIL_POLL_S, and
+            # an unbounded read would return only once the run is over (no CPU or busy
+            # sample in between).
+            deadline = time.monotonic() + TAIL_READ_BUDGET_S
+            while self._read_once() and time.monotonic() < deadline:
                 pass
         with self._lock:
             return self._count
@@ -941,6 +1004,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs: dict[str, Callable[[], Result]] = {
             "ceiling": lambda: run_ceiling(
                 bootstrap, args.events, args.partitions, args.event_bytes
+            ),
+            "steps": lambda: run_ceiling(
+                bootstrap,
+                args.events,
+                args.partitions,
+                args.event_bytes,
+                scenario="steps",
+                loop=StepsLoop,
             ),
             "noop": lambda: run_worker(
                 bootstrap,
