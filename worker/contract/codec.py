@@ -11,7 +11,7 @@ object that breaks the :class:`~worker.contract.events.InputEvent` contract).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -315,19 +315,24 @@ def select_tags(scores: LabelScores, multi_label: bool, tagging: Thresholds) -> 
 
     ``scores`` is sorted highest first, so the tags come out in score order.
     """
+    if len(scores.labels) != len(scores.scores):
+        raise ScoresError(f"{len(scores.scores)} scores for {len(scores.labels)} labels")
+    return _tags(scores.labels, scores.scores, multi_label, tagging)
+
+
+def _tags(
+    labels: Sequence[str], values: Sequence[float], multi_label: bool, tagging: Thresholds
+) -> list[str]:
+    """:func:`select_tags` of labels and scores of the same length."""
     if not multi_label:
-        return list(scores.labels[:1])
+        return list(labels[:1])
     overrides = tagging.label_thresholds
     default = tagging.threshold
     if not overrides:
-        return [
-            label
-            for label, score in zip(scores.labels, scores.scores, strict=True)
-            if score >= default
-        ]
+        return [label for label, score in zip(labels, values) if score >= default]  # noqa: B905
     return [
         label
-        for label, score in zip(scores.labels, scores.scores, strict=True)
+        for label, score in zip(labels, values)  # noqa: B905
         if score >= overrides.get(label, default)
     ]
 
@@ -338,6 +343,29 @@ def as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)
+
+
+def rendered_time(moment: datetime) -> str:
+    """``moment`` as the output contract writes it (RFC 3339, UTC, ``Z``), exactly as
+    orjson renders the datetime itself. A batch's events share one ``scored_at``, so the
+    last one rendered is kept: formatting a datetime costs more than the rest of a field."""
+    last = _rendered.last
+    if last is not None and last[0] is moment:
+        return last[1]
+    text: str = orjson.dumps(as_utc(moment), option=_ORJSON_OPTIONS)[1:-1].decode()
+    # One tuple, replaced whole: another thread reads either the old pair or the new one.
+    _rendered.last = (moment, text)
+    return text
+
+
+class _Rendered:
+    """The datetime rendered last and its text (the object is kept, so its id is not
+    reused while it is here)."""
+
+    last: tuple[datetime, str] | None = None
+
+
+_rendered = _Rendered()
 
 
 def checked_scores(scores: LabelScores) -> tuple[list[str], list[float]]:
@@ -408,13 +436,13 @@ def encode_output(  # noqa: PLR0917
         },
         "labels": labels,
         "scores": values,
-        "tags": select_tags(scores, request.multi_label, tagging if profile is None else profile),
+        "tags": _tags(labels, values, request.multi_label, tagging if profile is None else profile),
         "multi_label": request.multi_label,
         "hypothesis_template": request.hypothesis_template,
         "truncated": bool(scores.truncated),
         "model": {"name": model.name, "revision": model.revision},
         "metadata": event.metadata,
-        "scored_at": scored_at if scored_at.tzinfo is UTC else as_utc(scored_at),
+        "scored_at": rendered_time(scored_at),
     }
     if nli is not None:
         document["nli"] = {

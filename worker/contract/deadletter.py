@@ -32,6 +32,7 @@ above (the input's own ones only while they fit in ``MAX_STUB_INPUT_HEADER_BYTES
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ from worker.contract.events import RecordCoordinates
 # line); 1 KiB says what went wrong without letting one header dwarf the record.
 MAX_ERROR_MESSAGE_BYTES: Final = 1024
 TRUNCATION_MARK: Final = "..."
+# Input partitions whose shared source headers are kept built: more than a worker is
+# assigned, few enough to be nothing in memory.
+PARTITION_HEADERS_CACHE: Final = 4096
 
 HEADER_STAGE: Final = "tagstream.error.stage"
 HEADER_CLASS: Final = "tagstream.error.class"
@@ -121,10 +125,15 @@ def truncate_utf8(message: str, limit: int = MAX_ERROR_MESSAGE_BYTES) -> bytes:
 def source_headers(record: SourceRecord) -> list[Header]:
     """Where the input came from; on scored and dead-letter records alike."""
     return [
-        (HEADER_SOURCE_TOPIC, record.topic.encode()),
-        (HEADER_SOURCE_PARTITION, b"%d" % record.partition),
+        *_partition_headers(record.topic, record.partition),
         (HEADER_SOURCE_OFFSET, b"%d" % record.offset),
     ]
+
+
+@functools.lru_cache(maxsize=PARTITION_HEADERS_CACHE)
+def _partition_headers(topic: str, partition: int) -> tuple[Header, Header]:
+    """The headers every record of one input partition shares, built once."""
+    return (HEADER_SOURCE_TOPIC, topic.encode()), (HEADER_SOURCE_PARTITION, b"%d" % partition)
 
 
 def rfc3339(moment: datetime) -> str:

@@ -24,8 +24,6 @@ from worker.observability.health import HealthState
 from worker.observability.metrics import REBALANCE_KINDS, WorkerMetrics
 from worker.pipeline.observer import DiscardReason, Observer
 
-OUTPUT_KIND = "output"
-
 
 class MetricsObserver(Observer):
     """Translates the pipeline's hooks into metric updates. Thread-safe, never raises.
@@ -89,11 +87,11 @@ class MetricsObserver(Observer):
     def record_dead_lettered(self, stage: str, error_class: str) -> None:
         self.metrics.record_dead_lettered(stage, error_class)
 
-    def delivery_acked(self, kind: str, latency_s: float | None) -> None:
-        if kind == OUTPUT_KIND:
-            self.metrics.record_scored()
-        if latency_s is not None:
-            self.metrics.observe_end_to_end(latency_s)
+    def deliveries_acked(self, records: int, outputs: int, latencies_s: Sequence[float]) -> None:
+        if outputs:
+            self.metrics.record_scored(outputs)
+        if latencies_s:
+            self.metrics.observe_end_to_end_many(latencies_s)
 
     def produce_retried(self, error_name: str, attempt: int, delay_s: float) -> None:
         self.metrics.record_produce_retry(error_name)

@@ -50,6 +50,7 @@ are the records visible; an aborted transaction's records count as discarded, ``
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
@@ -233,6 +234,8 @@ class ProducerStage:
         self._producer = self._connect(self._config(self._main_config), self._on_client_error)
         self._solo: ProducerClient | None = None
         self._retry_deadline_s = retry_deadline_s
+        # Records acknowledged and not reported yet (main thread: see _report_fates).
+        self._acked: list[Outbound] = []
         # Records librdkafka's queue had no room for, oldest first (any thread appends).
         self._backlog: deque[Outbound] = deque()
         self._backlog_lock = threading.Lock()
@@ -271,6 +274,19 @@ class ProducerStage:
         with self._backlog_lock:
             if self._backlog or not self._produce(record):
                 self._backlog.append(record)
+
+    def send_all(self, records: list[Outbound]) -> None:
+        """:meth:`send` of each record, in order, under one lock (a batch's outputs)."""
+        if self.transactional:
+            for record in records:
+                self._send_transactional(record)
+            return
+        with self._backlog_lock:
+            backlog = self._backlog
+            for record in records:
+                record.attempts += 1
+                if backlog or not self._produce(record):
+                    backlog.append(record)
 
     def _send_transactional(self, record: Outbound) -> None:
         """Exactly-once: into the open transaction, unless an abort is under way or the
@@ -345,6 +361,7 @@ class ProducerStage:
         self._resend_due()
         while self._isolated:
             self._send_alone(self._isolated.popleft())
+        self._report_fates()
 
     def _send_alone(self, record: Outbound) -> None:
         """Exactly-once: one record in a produce request of its own. Other sends wait on
@@ -402,8 +419,8 @@ class ProducerStage:
         with self._backlog_lock:
             records, self._txn_records = self._txn_records, []
             self._txn_seq += 1
-        for record in records:
-            self._report_fate(record)
+        self._acked.extend(records)
+        self._report_fates()
         return len(records)
 
     def transaction_aborted(self) -> int:
@@ -459,6 +476,7 @@ class ProducerStage:
         for producer in (self._producer, self._solo):
             if producer is not None:
                 producer.close()
+        self._report_fates()  # what the closing flush acknowledged
 
     # -- internals ----------------------------------------------------------------------
 
@@ -490,7 +508,7 @@ class ProducerStage:
                 record.key,
                 record.value,
                 record.headers,
-                lambda error: self._on_delivery(record, error),
+                functools.partial(self._on_delivery, record),
             )
         except BufferError:
             return False
@@ -528,19 +546,30 @@ class ProducerStage:
         if record.origin.active:
             record.origin.mark_done()
         # Counted even for a revoked partition: the record is in the topic all the same.
-        self._report_fate(record)
+        self._acked.append(record)
 
-    def _report_fate(self, record: Outbound) -> None:
-        timestamp_ms = record.origin.record.timestamp_ms
-        latency = None if timestamp_ms is None else max(0.0, time.time() - timestamp_ms / 1000)
-        self._observer.delivery_acked(record.kind, latency)
-        if record.failure is not None:
-            self._observer.record_dead_lettered(
-                record.failure.stage.value, record.failure.error_class
-            )
-        trace = record.origin.trace
-        if trace is not None:
-            trace.end("scored" if record.kind == "output" else "dead_lettered", record.failure)
+    def _report_fates(self) -> None:
+        """Report the records acknowledged since the last call (written for good): one
+        observer call for all of them, since there is one acknowledgement per record."""
+        if not self._acked:
+            return
+        records, self._acked = self._acked, []
+        now = time.time()
+        outputs = 0
+        latencies: list[float] = []
+        for record in records:
+            if record.kind == "output":
+                outputs += 1
+            timestamp_ms = record.origin.record.timestamp_ms
+            if timestamp_ms is not None:
+                latencies.append(now - timestamp_ms / 1000)
+            failure = record.failure
+            if failure is not None:
+                self._observer.record_dead_lettered(failure.stage.value, failure.error_class)
+            trace = record.origin.trace
+            if trace is not None:
+                trace.end("scored" if record.kind == "output" else "dead_lettered", failure)
+        self._observer.deliveries_acked(len(records), outputs, latencies)
 
     def _on_transactional_delivery(self, record: Outbound, error: ClientError | None) -> None:
         if record.txn != self._txn_seq:

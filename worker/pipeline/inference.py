@@ -177,11 +177,13 @@ class InferenceStage:
             return
         items, outcomes = scored
         scored_at = datetime.now(UTC)
+        outputs: list[Outbound] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if item.origin.active:
-                self._emit(item, outcome, scored_at)
+                self._emit(item, outcome, scored_at, outputs)
             else:
                 self._on_abandoned(item.origin)
+        self._producer.send_all(outputs)
 
     def _score_until_healthy(
         self, items: list[PendingEvent], batch: Batch
@@ -304,21 +306,30 @@ class InferenceStage:
     def _score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         return score_isolated(self._scorer, requests)
 
-    def _emit(self, item: PendingEvent, outcome: ScoreOutcome, scored_at: datetime) -> None:
+    def _emit(
+        self,
+        item: PendingEvent,
+        outcome: ScoreOutcome,
+        scored_at: datetime,
+        outputs: list[Outbound],
+    ) -> None:
+        """Append the event's output to ``outputs`` (sent together after the batch), or
+        dead-letter its input now."""
         if isinstance(outcome, LabelScores):
             try:
                 value = self._encode(item, outcome, scored_at)
             except Exception as exc:  # scores that break the output contract
                 outcome = ScoreError.from_exception(exc)
             else:
-                self._producer.send(
+                origin = item.origin
+                outputs.append(
                     Outbound(
-                        topic=self._output_topic,
-                        key=item.origin.record.key,
-                        value=value,
-                        headers=with_trace(source_headers(item.origin.record), item.origin.trace),
-                        kind="output",
-                        origin=item.origin,
+                        self._output_topic,
+                        origin.record.key,
+                        value,
+                        with_trace(source_headers(origin.record), origin.trace),
+                        "output",
+                        origin,
                     )
                 )
                 return

@@ -5,7 +5,7 @@ class does nothing, so a metrics implementation overrides only what it measures.
 run on the thread named in their docstring and must return quickly and never raise.
 
 Accounting: every record a poll returns is reported once by :meth:`Observer.records_consumed`
-and then ends in exactly one of :meth:`Observer.delivery_acked` with kind ``output``
+and then ends in exactly one of :meth:`Observer.deliveries_acked`, among its ``outputs``
 (scored), :meth:`Observer.record_dead_lettered` (its dead-letter record was acknowledged),
 or :meth:`Observer.record_discarded` (this worker gave up on it; :class:`DiscardReason`
 says why). See :mod:`worker.observability.metrics` for the resulting identity.
@@ -64,10 +64,12 @@ class Observer:
     def record_dead_lettered(self, stage: str, error_class: str) -> None:
         """Main thread: the broker acknowledged a dead-letter record."""
 
-    def delivery_acked(self, kind: str, latency_s: float | None) -> None:
-        """Main thread: the broker acknowledged an ``output`` or ``dead_letter`` record
-        (also when its partition was revoked meanwhile: the record is written all the
-        same); ``latency_s`` runs from the input record's timestamp (None without one)."""
+    def deliveries_acked(self, records: int, outputs: int, latencies_s: Sequence[float]) -> None:
+        """Main thread: the broker acknowledged ``records`` records, ``outputs`` of them
+        scored events and the rest dead-letter records (also those of a partition revoked
+        meanwhile: they are written all the same); ``latencies_s``: for each of them that
+        has one, the seconds since its input record's timestamp. Called once per batch of
+        acknowledgements, not per record."""
 
     def produce_retried(self, error_name: str, attempt: int, delay_s: float) -> None:
         """Main thread: a transient produce error, retried after ``delay_s``."""

@@ -8,6 +8,7 @@ import types
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.observability import (
@@ -25,7 +26,7 @@ from worker.config.observability import ObservabilitySettings
 from worker.observability.gpu import GpuMemory, torch_cuda_memory
 from worker.observability.health import HealthState
 from worker.observability.lag import parse_statistics
-from worker.observability.metrics import WorkerMetrics
+from worker.observability.metrics import WorkerMetrics, observe_all
 from worker.observability.observer import MetricsObserver
 from worker.observability.setup import start_observability
 
@@ -363,10 +364,9 @@ def test_observer_keeps_the_ledger_consumed_equals_scored_dead_lettered_discarde
     observer.records_consumed(
         [_Record("a", 0, 1), _Record("a", 0, 2), _Record("b", 0, None), _Record("a", 1, 3)]
     )
-    observer.delivery_acked("output", 0.5)
-    observer.delivery_acked("output", None)
+    observer.deliveries_acked(2, 2, [0.5])
     observer.record_dead_lettered("validate", "ValidateError")
-    observer.delivery_acked("dead_letter", 0.7)
+    observer.deliveries_acked(1, 0, [0.7])
     observer.record_discarded(("a", 1), "seen")
     consumed = sum(
         value(metrics, "tagstream_events_consumed_total", topic=topic) or 0 for topic in "ab"
@@ -385,6 +385,60 @@ def test_observer_keeps_the_ledger_consumed_equals_scored_dead_lettered_discarde
     assert consumed == 4
     assert scored + dead_lettered + discarded == consumed
     assert value(metrics, "tagstream_end_to_end_latency_seconds_count") == 2
+
+
+def _histogram_samples(histogram: Histogram) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for metric in histogram.collect()
+        for sample in metric.samples
+        if not sample.name.endswith("_created")
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [0.0, 0.01, 0.0100001, 0.3, 0.3, 7.0, 1e9],
+        [float(i) / 7 for i in range(200)],
+        [0.025] * 5,
+    ],
+)
+def test_observing_many_values_at_once_equals_observing_each(values: list[float]) -> None:
+    buckets = (0.01, 0.025, 0.05, 0.5, 5.0)
+    one_by_one = Histogram("one", "one", buckets=buckets, registry=CollectorRegistry())
+    for amount in values:
+        one_by_one.observe(amount)
+    at_once = Histogram("one", "one", buckets=buckets, registry=CollectorRegistry())
+    observe_all(at_once, values)
+    got, expected = _histogram_samples(at_once), _histogram_samples(one_by_one)
+    assert [(name, labels) for name, labels, _ in got] == [
+        (name, labels) for name, labels, _ in expected
+    ]
+    # The sum may differ in the last bits: the values are added in another order.
+    assert [v for *_, v in got] == pytest.approx([v for *_, v in expected])
+
+
+def test_observing_many_values_falls_back_without_the_private_cells() -> None:
+    class Plain:
+        def __init__(self) -> None:
+            self.observed: list[float] = []
+
+        def observe(self, amount: float) -> None:
+            self.observed.append(amount)
+
+    plain = Plain()
+    observe_all(plain, [0.5, 2.0])  # type: ignore[arg-type]
+    assert plain.observed == [0.5, 2.0]
+
+
+def test_the_end_to_end_histogram_takes_many_latencies_clamped_at_zero() -> None:
+    metrics = new_metrics()
+    metrics.observe_end_to_end_many([0.004, -1.0, 0.3])
+    assert value(metrics, "tagstream_end_to_end_latency_seconds_count") == 3
+    assert value(metrics, "tagstream_end_to_end_latency_seconds_bucket", le="0.01") == 2
+    assert value(metrics, "tagstream_end_to_end_latency_seconds_sum") == pytest.approx(0.304)
 
 
 def test_observer_tracks_batches_in_flight_and_pauses() -> None:

@@ -36,8 +36,8 @@ class RecordingProducer:
         self.sent: list[Outbound] = []
         self.dead: list[tuple[int, Failure]] = []
 
-    def send(self, record: Outbound) -> None:
-        self.sent.append(record)
+    def send_all(self, records: list[Outbound]) -> None:
+        self.sent.extend(records)
 
     def dead_letter(self, origin: Tracked, failure: Failure) -> None:
         self.dead.append((origin.record.offset, failure))
