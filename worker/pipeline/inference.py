@@ -37,7 +37,14 @@ import structlog
 from worker.config.settings import CircuitSettings, TaggingSettings
 from worker.contract.codec import encode_output
 from worker.contract.deadletter import Failure, Stage, source_headers
-from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
+from worker.contract.scorer import (
+    LabelScores,
+    ModelInfo,
+    ScoreError,
+    ScoreOutcome,
+    Scorer,
+    ScoreRequest,
+)
 from worker.errors import DeviceError, ScorerFailingError, WarmUpError
 from worker.pipeline.batching import Batch, Handoff, PendingEvent
 from worker.pipeline.circuit import CircuitBreaker
@@ -177,12 +184,15 @@ class InferenceStage:
             return
         items, outcomes = scored
         scored_at = datetime.now(UTC)
+        model = self._scorer.info
         outputs: list[Outbound] = []
         for item, outcome in zip(items, outcomes, strict=True):
-            if item.origin.active:
-                self._emit(item, outcome, scored_at, outputs)
-            else:
+            if not item.origin.active:
                 self._on_abandoned(item.origin)
+                continue
+            output = self._output(item, outcome, scored_at, model)
+            if output is not None:
+                outputs.append(output)
         self._producer.send_all(outputs)
 
     def _score_until_healthy(
@@ -306,44 +316,31 @@ class InferenceStage:
     def _score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
         return score_isolated(self._scorer, requests)
 
-    def _emit(
-        self,
-        item: PendingEvent,
-        outcome: ScoreOutcome,
-        scored_at: datetime,
-        outputs: list[Outbound],
-    ) -> None:
-        """Append the event's output to ``outputs`` (sent together after the batch), or
-        dead-letter its input now."""
+    def _output(
+        self, item: PendingEvent, outcome: ScoreOutcome, scored_at: datetime, model: ModelInfo
+    ) -> Outbound | None:
+        """The event's output record (the batch's are sent together), or None when its
+        input is dead-lettered instead (now)."""
+        origin = item.origin
         if isinstance(outcome, LabelScores):
             try:
-                value = self._encode(item, outcome, scored_at)
+                value = encode_output(
+                    item.event,
+                    item.request,
+                    outcome,
+                    origin.record,
+                    self._tagging,
+                    model,
+                    scored_at,
+                    item.profile,
+                )
             except Exception as exc:  # scores that break the output contract
                 outcome = ScoreError.from_exception(exc)
             else:
-                origin = item.origin
-                outputs.append(
-                    Outbound(
-                        self._output_topic,
-                        origin.record.key,
-                        value,
-                        with_trace(source_headers(origin.record), origin.trace),
-                        "output",
-                        origin,
-                    )
+                headers = with_trace(source_headers(origin.record), origin.trace)
+                return Outbound(
+                    self._output_topic, origin.record.key, value, headers, "output", origin
                 )
-                return
         failure = Failure(Stage.INFERENCE, outcome.error_class, outcome.message)
-        self._producer.dead_letter(item.origin, failure)
-
-    def _encode(self, item: PendingEvent, scores: LabelScores, scored_at: datetime) -> bytes:
-        return encode_output(
-            item.event,
-            item.request,
-            scores,
-            item.origin.record,
-            self._tagging,
-            self._scorer.info,
-            scored_at,
-            item.profile,
-        )
+        self._producer.dead_letter(origin, failure)
+        return None

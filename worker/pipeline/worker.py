@@ -506,15 +506,16 @@ class Worker:
         return min(value for value in candidates if value is not None)
 
     def _track(self, record: InputRecord) -> Tracked | None:
-        state = self.tracker.get(record.partition_key)
+        key = (record.topic, record.partition)
+        state = self.tracker.get(key)
         if state is None or not state.active:
-            self.observer.record_discarded(record.partition_key, DiscardReason.NOT_ASSIGNED)
+            self.observer.record_discarded(key, DiscardReason.NOT_ASSIGNED)
             return None
         if record.generation != state.generation:
-            self.observer.record_discarded(record.partition_key, DiscardReason.STALE)
+            self.observer.record_discarded(key, DiscardReason.STALE)
             return None
         if not state.receive(record.offset):
-            self.observer.record_discarded(record.partition_key, DiscardReason.SEEN)
+            self.observer.record_discarded(key, DiscardReason.SEEN)
             return None
         tracer = self.tracer
         return Tracked(record, state, tracer.start_event(record) if tracer.enabled else None)
