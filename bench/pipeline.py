@@ -1,6 +1,6 @@
 """Throughput of ``tagstream run`` against the Kafka ceiling, on a real local broker.
 
-Four scenarios, each on fresh topics (8 partitions) filled with small events *before* it
+Six scenarios, each on fresh topics (8 partitions) filled with small events *before* it
 starts (``--events``, default 200,000; ~110-byte JSON events, keyed by id). With
 ``--event-bytes N`` every event's JSON value is about N bytes instead (its ``text`` padded
 with more news-like sentences, cut at a word; 128 .. 60,000, within the worker's default
@@ -12,6 +12,12 @@ input limits), the same events in every scenario:
   client settings (``worker.kafka.config.consumer_config`` / ``producer_config``: manual
   commits, idempotent producer, ``acks=all``, ``linger.ms=5``), the worker's poll size
   (``consume(500)``) and commit interval (1 s, asynchronous, of acknowledged offsets).
+* ``steps``: the ceiling loop doing, on its one thread, the worker's own per-record
+  functions: per poll, ``decode_input``, ``to_request`` and the no-model scorer's
+  ``estimate_tokens`` for every record, one ``score`` call for the poll, then
+  ``encode_output`` and the source headers for each output. The worker's architecture
+  (its second thread, batcher, offset tracking, delivery bookkeeping, metrics) is left
+  out: what the per-record work alone costs, between ``ceiling`` and ``noop``.
 * ``noop``: ``tagstream run`` as a subprocess with ``worker.scoring.noop:NoopScorer``:
   every step of the worker, no model work. Goal: noop / ceiling >= 0.5.
 * ``noop-eos``: ``noop`` with ``TAGSTREAM_PROCESSING_GUARANTEE=exactly-once``: the cost of
