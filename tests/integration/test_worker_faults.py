@@ -35,6 +35,9 @@ REJOIN_TIMEOUT_S = 30
 FAST_SESSION = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 # Per-batch sleep in the rebalance test: the stream outlasts two rebalances.
 REBALANCE_SLEEP_MS = 60
+# A stopping worker's exit after its shutdown timeout: the producer close's floor (1 s)
+# and the interpreter's exit, with room for a loaded machine.
+SHUTDOWN_SLACK_S = 8
 # Requests the killed worker had already sent may still be appended by the broker.
 KILL_SETTLE_S = 1.0
 
@@ -212,6 +215,35 @@ def test_the_worker_recovers_from_a_broker_restart(harness: Harness) -> None:
     assert len(report.inputs) == len(first_half) + len(second_half)
     replaced = len(worker.lines("replacing the consumer"))
     print(f"\nbroker restart: duplicates {report.duplicates}, consumers replaced {replaced}")
+
+
+def test_sigterm_while_the_broker_is_down_exits_within_the_shutdown_timeout(
+    harness: Harness,
+) -> None:
+    """Outputs the broker never acknowledges are not committed, and neither the settle nor
+    the producer's close (whose flush would wait for them) keeps the worker past its
+    shutdown timeout; the restarted broker then gets every input from the next worker."""
+    if not harness.kafka.managed:
+        pytest.skip("needs the session's own broker (unset TAGSTREAM_TEST_BOOTSTRAP)")
+    pipeline = harness.pipeline(partitions=2)
+    events = 5000  # about 8 s of the slow scorer: still streaming once the broker is down
+    pipeline.produce(harness.producer(), (good_event(i) for i in range(events)))
+    shutdown_timeout_s = 4
+    first = harness.start(_stream_env(pipeline, shutdown_timeout_s=shutdown_timeout_s))
+    wait_for_outputs(pipeline, 100)
+    harness.kafka.stop()
+    try:
+        first.send(signal.SIGTERM)
+        # The timeout, the close's floor, and the process's own start and exit.
+        assert first.wait(shutdown_timeout_s + SHUTDOWN_SLACK_S) == 0, first.output()
+    finally:
+        harness.kafka.start()
+    assert "worker stopped" in first.output()
+
+    harness.start(_stream_env(pipeline))
+    report = pipeline.ledger().wait_until_complete(COMPLETE_TIMEOUT_S)
+    harness.stop_all()
+    assert report.clean, report.describe()
 
 
 # -- a slow model -------------------------------------------------------------------------

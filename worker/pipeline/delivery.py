@@ -472,11 +472,24 @@ class ProducerStage:
             return None
         return max(0.0, self._retries[0][0] - time.monotonic())
 
-    def close(self) -> None:
+    def close(self, wait_s: float | None = None) -> bool:
+        """Close the producers (their final flush reports what it acknowledged). With
+        ``wait_s``, each closes on a thread of its own and is waited for at most that
+        long: a close flushes records the broker may never take (it is down), and a
+        stopping worker must not outlive its shutdown timeout for them; they are not
+        committed, the next owner processes their inputs again. False if a producer was
+        left closing."""
+        closed = True
         for producer in (self._producer, self._solo):
-            if producer is not None:
+            if producer is None:
+                continue
+            if wait_s is None:
                 producer.close()
+            elif not producer.abandon(wait_s):
+                log.warning("producer still closing, left to itself", wait_s=round(wait_s, 1))
+                closed = False
         self._report_fates()  # what the closing flush acknowledged
+        return closed
 
     # -- internals ----------------------------------------------------------------------
 

@@ -75,6 +75,16 @@ FATAL_DRAIN_S: Final = 1.0
 # Handoff already keeps the next batch queued for the model.
 READ_AHEAD_BATCHES: Final = 1
 
+# The producer's close at shutdown waits what is left of shutdown_timeout_s, but at least
+# this long: a close with nothing outstanding takes milliseconds, and the settle before it
+# may have used the whole timeout.
+PRODUCER_CLOSE_MIN_S: Final = 1.0
+
+
+def _close_wait_s(deadline: float) -> float:
+    return max(PRODUCER_CLOSE_MIN_S, deadline - time.monotonic())
+
+
 # Builds the input consumer from its librdkafka configuration, whether its group protocol
 # assigns incrementally, and where asynchronous commit results go.
 ConsumerFactory = Callable[[Mapping[str, Any], bool, CommitResult], ConsumerClient]
@@ -300,7 +310,7 @@ class Worker:
         self._settled = True
         self.intake.close()
         self._close_feed()
-        self.producer.close()
+        self.producer.close(_close_wait_s(deadline))
         log.info("worker stopped")
         return EXIT_OK
 
@@ -315,7 +325,7 @@ class Worker:
         self._settled = True
         self.intake.close()
         self._close_feed()
-        self.producer.close()
+        self.producer.close(_close_wait_s(deadline))
         log.info("worker stopped")
         return EXIT_OK
 

@@ -88,6 +88,15 @@ class ClassifyResult(BaseModel):
     tags: list[str] = Field(
         description="Labels past their threshold (multi-label), else the top label."
     )
+    truncated: bool = Field(
+        description="Part of the text was not read: cut to the model's length, or past "
+        "TAGSTREAM_MAX_CHUNKS windows (as `truncated` in the worker's scored events)."
+    )
+    chunks_read: int | None = Field(
+        default=None,
+        description="With TAGSTREAM_LONG_TEXT=chunk: the token windows of the text that "
+        "were scored (as in the worker's scored events); absent otherwise.",
+    )
 
 
 class Problem(BaseModel):
@@ -251,9 +260,13 @@ def _answer(
         labels, values = checked_scores(scores)
     except ScoresError as exc:
         raise ScoringFailedError(field, ScoreError.from_exception(exc)) from None
-    return {
+    answer: dict[str, Any] = {
         "sequence": request.text,
         "labels": labels,
         "scores": values,
         "tags": select_tags(scores, request.multi_label, tagging),
+        "truncated": bool(scores.truncated),
     }
+    if scores.chunks is not None:
+        answer["chunks_read"] = int(scores.chunks)
+    return answer

@@ -26,7 +26,7 @@ from worker.errors import KafkaFatalError
 from worker.exit_codes import EXIT_OK
 from worker.kafka.errors import delivery_error
 from worker.kafka.records import PartitionKey
-from worker.pipeline.worker import Worker
+from worker.pipeline.worker import PRODUCER_CLOSE_MIN_S, Worker
 
 TOPIC: Final = "news"
 P0: Final[PartitionKey] = (TOPIC, 0)
@@ -163,6 +163,23 @@ def test_a_shutdown_commit_refused_by_a_rebalance_is_tried_again() -> None:
     assert clients.input.commits == [("sync", {P0: 3})]
     assert clients.input.closed and clients.producer.closed
     assert worker.inference.join(WAIT_S)
+
+
+def test_the_shutdown_waits_for_the_producer_close_no_longer_than_its_timeout() -> None:
+    clients = FakeClients(auto_ack=False)
+    worker = _worker(clients, _settings(shutdown_timeout_s=1.5))
+    clients.input.assign([P0])
+    _feed(clients, 0, _events(0, 2))
+    _step_until(worker, lambda: len(clients.producer) == 2)
+    # Never acknowledged (the broker is gone): the settle uses up the timeout.
+    with structlog.testing.capture_logs() as logs:
+        assert worker.shutdown() == EXIT_OK
+    assert "shutdown timeout: unfinished work left uncommitted" in [e["event"] for e in logs]
+    assert clients.input.committed(P0) in (None, 0)
+    # The close runs on its own thread, bounded: what is left of the timeout, else the floor.
+    [wait_s] = clients.producer.abandon_waits
+    assert wait_s == pytest.approx(PRODUCER_CLOSE_MIN_S, abs=0.5)
+    assert clients.producer.closed
 
 
 def test_a_lost_partition_commits_nothing_past_its_start(

@@ -18,7 +18,7 @@ from tests.support.scorers import FakeScorer
 from tests.support.serve import running_server, wait_until
 from worker.config.serve import ServeBatching, ServeSettings
 from worker.config.settings import BatchSettings, ModelSettings, TaggingSettings
-from worker.contract.scorer import ScoreOutcome, ScoreRequest
+from worker.contract.scorer import LabelScores, ScoreOutcome, ScoreRequest
 from worker.errors import DeviceError
 from worker.pipeline.inference import WARM_UP_TEXT
 from worker.scoring.nli import NliScorer
@@ -339,4 +339,36 @@ def test_the_openapi_document_describes_the_endpoint() -> None:
     assert {"/healthz", "/readyz", "/metrics"} <= set(document["paths"])
     schemas = document["components"]["schemas"]
     assert {"inputs", "parameters"} <= set(schemas["ClassifyPayload"]["properties"])
-    assert set(schemas["ClassifyResult"]["properties"]) == {"sequence", "labels", "scores", "tags"}
+    assert set(schemas["ClassifyResult"]["properties"]) == {
+        "sequence",
+        "labels",
+        "scores",
+        "tags",
+        "truncated",
+        "chunks_read",
+    }
+
+
+class ChunkingScorer(FakeScorer):
+    """The fake scorer, as a scorer reading long texts in windows would answer: a text
+    of more than 40 characters is read in 3 windows, one of more than 80 is cut."""
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutcome]:
+        outcomes = super().score(requests)
+        return [
+            outcome._replace(truncated=len(request.text) > 80, chunks=3)
+            if isinstance(outcome, LabelScores) and len(request.text) > 40
+            else outcome
+            for request, outcome in zip(requests, outcomes, strict=True)
+        ]
+
+
+def test_an_answer_says_whether_the_text_was_cut_and_how_many_windows_were_read() -> None:
+    texts = ["short sports text", "sports " * 8, "sports " * 16]
+    with running_server(ChunkingScorer(ModelSettings())) as live, live.client() as client:
+        answer = _classify(client, _payload(texts, ["sports", "finance"]))
+    assert answer.status_code == 200, answer.text
+    short, chunked, cut = answer.json()
+    assert short["truncated"] is False and "chunks_read" not in short
+    assert chunked["truncated"] is False and chunked["chunks_read"] == 3
+    assert cut["truncated"] is True and cut["chunks_read"] == 3
