@@ -13,26 +13,33 @@
    (just before the broker acknowledged it), and excludes the load generator's own delays.
    The first ``--warmup-s`` of each rate are left out. p50 / p95 / p99 per rate.
 
+With ``--ceiling`` the same rates also go through the plain consume-produce loop of
+``bench/pipeline.py`` (its ``ceiling`` scenario, in a process of its own, writing for each
+record only its input's timestamp): what Kafka and this machine cost an event with no
+pipeline at all, the floor under the worker's figures (``max_wait_ms`` is 0 in its rows).
+
 Prints a table, writes ``latency.json`` and ``latency.png`` (p50/p95/p99 against the rate,
 one colour per ``max_wait_ms``) to ``--out`` (default ``bench/results``).
 
 Run from the repository root: ``python -m bench.latency [--max-rate N] [--scorer noop|nli]
-[--seconds S] [--bootstrap HOST:PORT] [--out DIR]``.
+[--seconds S] [--ceiling] [--bootstrap HOST:PORT] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
 from bench.common import (
     RESULTS,
@@ -49,7 +56,14 @@ from bench.common import (
     worker_env,
     write_report,
 )
-from bench.pipeline import NOOP_SCORER, Progress, WorkerRun, nli_settings, run_worker
+from bench.pipeline import (
+    NOOP_SCORER,
+    CeilingLoop,
+    Progress,
+    WorkerRun,
+    nli_settings,
+    run_worker,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +89,8 @@ PERCENTILES: Final = (0.5, 0.95, 0.99)
 
 @dataclass
 class Point:
+    # "worker" (tagstream run) or "ceiling" (the plain loop, --ceiling).
+    pipeline: str
     max_wait_ms: int
     fraction: float
     target_rate: float
@@ -143,6 +159,41 @@ class OpenLoop:
     partitions: int
     out: Path
     root: Path = REPO
+    # The plain consume-produce loop instead of tagstream run (settings and root unused).
+    ceiling: bool = False
+
+
+class StampedLoop(CeilingLoop):
+    """The ceiling loop, writing for each record only ``{"source": {"timestamp": T}}``
+    (T: the input's timestamp), which is all :func:`appended` reads of an output."""
+
+    def outputs(self, messages: list[Message]) -> Iterator[tuple[Message, Any, Any]]:
+        for message in messages:
+            if message.error() is None:
+                stamp = {"source": {"timestamp": message.timestamp()[1]}}
+                yield message, orjson.dumps(stamp), None
+
+
+def serve_ceiling(spec: str) -> int:
+    """The ``--serve-ceiling`` process: the stamped loop on the topics ``spec`` (JSON)
+    names, until SIGTERM."""
+    fields = orjson.loads(spec)
+    bootstrap = fields.pop("bootstrap")
+    loop = StampedLoop(bootstrap, Topics(**fields))
+
+    def stop(_signum: int, _frame: object) -> None:
+        loop.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    loop.run(sys.maxsize)
+    return 0
+
+
+def start_ceiling(bootstrap: str, topics: Topics, log_path: Path) -> subprocess.Popen[bytes]:
+    spec = orjson.dumps({"bootstrap": bootstrap, **asdict(topics)}).decode()
+    command = [sys.executable, "-m", "bench.latency", "--serve-ceiling", spec]
+    log = log_path.open("wb")
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 @dataclass
@@ -159,8 +210,11 @@ def measure(bootstrap: str, run: OpenLoop) -> Measured:
     """Start the worker, wait for its first output, run each rate, wait for its outputs."""
     topics = Topics.create(bootstrap, run.name, run.partitions)
     log_path = run.out / f"worker-{run.name}.log"
-    env = worker_env(bootstrap, topics, run.settings, run.root)
-    process = start_worker(env, log_path, run.root)
+    if run.ceiling:
+        process = start_ceiling(bootstrap, topics, log_path)
+    else:
+        env = worker_env(bootstrap, topics, run.settings, run.root)
+        process = start_worker(env, log_path, run.root)
     progress = Progress(bootstrap, topics, visibility=True)
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": LOAD_LINGER_MS, "acks": "all"}
@@ -209,6 +263,17 @@ def run_rates(
     return points(bootstrap, measured.topics, max_wait_ms, measured.phases, args.warmup_s)
 
 
+def run_ceiling_rates(
+    rates: list[tuple[float, float]], bootstrap: str, args: argparse.Namespace
+) -> list[Point]:
+    """The same rates through the plain loop (``--ceiling``)."""
+    run = OpenLoop(
+        "latency-ceiling", {}, rates, args.seconds, args.partitions, args.out, ceiling=True
+    )
+    measured = measure(bootstrap, run)
+    return points(bootstrap, measured.topics, 0, measured.phases, args.warmup_s, pipeline="ceiling")
+
+
 def appended(bootstrap: str, topics: Topics) -> list[tuple[int, int]]:
     """Per output record: its input's timestamp (in the JSON) and its own (LogAppendTime)."""
     output = read_topic(bootstrap, topics.output, topics.partitions, keep_values=True)
@@ -234,8 +299,13 @@ def phase_latencies(
     return latencies
 
 
-def points(
-    bootstrap: str, topics: Topics, max_wait_ms: int, phases: list[Phase], warmup_s: float
+def points(  # noqa: PLR0917
+    bootstrap: str,
+    topics: Topics,
+    max_wait_ms: int,
+    phases: list[Phase],
+    warmup_s: float,
+    pipeline: str = "worker",
 ) -> list[Point]:
     """Latency percentiles per phase from the output records (input timestamp in the JSON)."""
     latencies = phase_latencies(appended(bootstrap, topics), phases, warmup_s)
@@ -245,6 +315,7 @@ def points(
         seconds = (phase.end_ms - phase.start_ms) / 1000
         result.append(
             Point(
+                pipeline=pipeline,
                 max_wait_ms=max_wait_ms,
                 fraction=phase.fraction,
                 target_rate=round(phase.rate, 1),
@@ -273,8 +344,12 @@ def plot(result: list[Point], max_rate: float, path: Path) -> Path | None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     styles = {"p50_ms": ("-", "o"), "p95_ms": ("--", "s"), "p99_ms": (":", "^")}
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
-    for colour, wait in zip(colours, _waits(result), strict=False):
-        rows = sorted((p for p in result if p.max_wait_ms == wait), key=lambda p: p.target_rate)
+    for colour, (pipeline, wait) in zip(colours, _series(result), strict=False):
+        rows = sorted(
+            (p for p in result if (p.pipeline, p.max_wait_ms) == (pipeline, wait)),
+            key=lambda p: p.target_rate,
+        )
+        name = f"max_wait_ms={wait}" if pipeline == "worker" else "plain loop"
         rates = [p.achieved_rate for p in rows]
         for key, (line, marker) in styles.items():
             axes.plot(
@@ -283,7 +358,7 @@ def plot(result: list[Point], max_rate: float, path: Path) -> Path | None:
                 linestyle=line,
                 marker=marker,
                 color=colour,
-                label=f"max_wait_ms={wait} {key[:3]}",
+                label=f"{name} {key[:3]}",
             )
     axes.set_yscale("log")
     axes.set_xlabel(f"input rate, events/s (maximum measured: {max_rate:,.0f})")
@@ -297,8 +372,8 @@ def plot(result: list[Point], max_rate: float, path: Path) -> Path | None:
     return path
 
 
-def _waits(result: list[Point]) -> list[int]:
-    return list(dict.fromkeys(p.max_wait_ms for p in result))
+def _series(result: list[Point]) -> list[tuple[str, int]]:
+    return list(dict.fromkeys((p.pipeline, p.max_wait_ms) for p in result))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -317,11 +392,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", default=None, help="reuse this broker (host:port)")
     parser.add_argument("--worker-root", type=Path, default=None, help="another checkout")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--ceiling", action="store_true", help="also measure the plain consume-produce loop"
+    )
+    # The plain loop's own process (started by --ceiling).
+    parser.add_argument("--serve-ceiling", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve_ceiling is not None:
+        return serve_ceiling(args.serve_ceiling)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     result: list[Point] = []
@@ -347,11 +429,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates = [(fraction, fraction * max_rate) for fraction in args.fractions]
         for wait in args.max_wait_ms:
             result.extend(run_rates(bootstrap, wait, rates, args))
+        if args.ceiling:
+            result.extend(run_ceiling_rates(rates, bootstrap, args))
     print(f"\nend-to-end latency, ms (maximum rate {max_rate:,.0f} events/s, {args.scorer})")
     print_table(
-        ["max_wait_ms", "% of max", "rate", "achieved", "measured", "p50", "p95", "p99", "max"],
+        [
+            "pipeline",
+            "max_wait_ms",
+            "% of max",
+            "rate",
+            "achieved",
+            "measured",
+            "p50",
+            "p95",
+            "p99",
+            "max",
+        ],
         [
             [
+                p.pipeline,
                 p.max_wait_ms,
                 f"{p.fraction:.0%}",
                 p.target_rate,
@@ -382,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "partitions": args.partitions,
                 "timestamps": "LogAppendTime on input and output topics",
                 "worker_root": str(args.worker_root or REPO),
+                "ceiling": args.ceiling,
                 "command": sys.argv,
             },
             "points": [asdict(p) for p in result],

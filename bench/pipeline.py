@@ -10,8 +10,9 @@ input limits), the same events in every scenario:
   produces it unchanged to the output topic: the most any consume-produce pipeline in
   Python gets from this broker on this machine. For fairness it uses the worker's own
   client settings (``worker.kafka.config.consumer_config`` / ``producer_config``: manual
-  commits, idempotent producer, ``acks=all``, ``linger.ms=5``), the worker's poll size
-  (``consume(500)``) and commit interval (1 s, asynchronous, of acknowledged offsets).
+  commits, idempotent producer, ``acks=all``, ``linger.ms=5``), the worker's poll (up to
+  500 records: ``consume(1, timeout)`` then ``consume(499, 0)``) and commit interval (1 s,
+  asynchronous, of acknowledged offsets).
 * ``steps``: the ceiling loop doing, on its one thread, the worker's own per-record
   functions: per poll, ``decode_input``, ``to_request`` and the no-model scorer's
   ``estimate_tokens`` for every record, one ``score`` call for the poll, then
@@ -219,6 +220,8 @@ class CeilingLoop:
         self.acked: dict[int, int] = {}
         self.done = 0
         self.failed: list[str] = []
+        # Set (by a signal handler) to end run() before ``events`` are done.
+        self.stopping = False
 
     def _delivered(self, partition: int, offset: int, error: KafkaError | None, _msg: Any) -> None:
         if error is not None:
@@ -227,6 +230,15 @@ class CeilingLoop:
         self.done += 1
         if offset >= self.acked.get(partition, -1):
             self.acked[partition] = offset + 1
+
+    def _poll(self) -> list[Message]:
+        """Up to 500 records as the worker polls them: wait for the first only, then take
+        what is already there (``consume(500, timeout)`` alone would wait for all 500 or
+        the whole timeout, which costs nothing saturated but is latency under a load)."""
+        first = self.consumer.consume(1, CEILING_POLL_S)
+        if not first:
+            return first
+        return first + self.consumer.consume(POLL_MAX_RECORDS - 1, 0)
 
     def outputs(self, messages: list[Message]) -> Iterator[tuple[Message, Any, Any]]:
         """Each polled record with the value and headers to produce: unchanged here."""
@@ -251,8 +263,8 @@ class CeilingLoop:
         next_commit = time.monotonic() + interval
         first: float | None = None
         last_progress, last_done = time.monotonic(), 0
-        while self.done < events:
-            messages = self.consumer.consume(POLL_MAX_RECORDS, CEILING_POLL_S)
+        while self.done < events and not self.stopping:
+            messages = self._poll()
             if messages and first is None:
                 first = time.time()
             for message, value, headers in self.outputs(messages):
