@@ -4,8 +4,10 @@ inputs is complete; a second run in the same group replays nothing."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -19,6 +21,7 @@ from tests.support.worker_process import (
     Pipeline,
     good_event,
 )
+from worker.exit_codes import EXIT_INTERRUPTED
 
 # The "bug": a text limit the good events meet and the poison ones break.
 TIGHT_TEXT_CHARS: Final = 60
@@ -28,6 +31,10 @@ STUB_AT: Final = 8  # too large for the dead-letter topic below: written as a st
 BROKEN_AT: Final = 30  # not JSON: fails again after the fix
 DLQ_MAX_BYTES: Final = "1024"
 REPLAY_TIMEOUT_S: Final = 120
+# The SIGTERM test: 40 records at 10 per second, stopped after the first 5 are written.
+SIGTERM_RECORDS: Final = 40
+SIGTERM_RATE: Final = 10
+SIGTERM_AFTER: Final = 5
 
 
 def _corpus() -> list[tuple[bytes, bytes]]:
@@ -159,3 +166,45 @@ def test_a_run_cut_short_by_max_records_resumes_where_it_stopped(
         f"{pipeline.dead_letter_topic}:0:{offset}" for offset in range(5)
     ]
     assert not pipeline.ledger().read(pipeline.input_topic)
+
+
+def test_a_run_stopped_by_sigterm_commits_what_it_replayed_and_the_next_goes_on(
+    harness: Harness, new_topic: Callable[..., str]
+) -> None:
+    pipeline = harness.pipeline(partitions=1)
+    target = new_topic(partitions=1)
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("tagstream.error.stage", b"validate"),
+        ("tagstream.error.class", b"ValidateError"),
+    ]
+    records = [(f"k-{i}".encode(), f'{{"text": "t{i}"}}'.encode()) for i in range(SIGTERM_RECORDS)]
+    producer = harness.producer()
+    for key, value in records:
+        producer.produce(pipeline.dead_letter_topic, key=key, value=value, headers=headers)
+    assert producer.flush(30) == 0
+    args = ("--from", pipeline.dead_letter_topic, "--to", target, "--group", "sigterm-test")
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "worker", "replay", *args, "--rate", str(SIGTERM_RATE)],
+        cwd=REPO,
+        env=pipeline.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + REPLAY_TIMEOUT_S
+    while len(pipeline.ledger().read(target)) < SIGTERM_AFTER:
+        assert first.poll() is None and time.monotonic() < deadline, "replay ended too early"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=REPLAY_TIMEOUT_S)
+    assert first.returncode == EXIT_INTERRUPTED, stderr
+    stopped_at = len(pipeline.ledger().read(target))
+    assert stopped_at < SIGTERM_RECORDS, "the run was over before the signal"
+
+    rest = _replay(pipeline, *args)
+    assert rest.returncode == 0, rest.stderr
+    assert f"replayed {SIGTERM_RECORDS - stopped_at} of" in rest.stderr
+    written = pipeline.ledger().read(target)
+    # Each exactly once, in order: the stopped run committed every replay it had sent.
+    assert [(r.key, r.value) for r in written] == records

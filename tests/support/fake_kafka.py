@@ -57,6 +57,8 @@ class FakeConsumer:
     generations: dict[PartitionKey, int] = field(default_factory=dict)
     # Close as librdkafka does: revoke the assignment (rebalance callback) first.
     revoke_on_close: bool = False
+    # The wait of every close, in order (None: a close without a bound).
+    close_waits: list[float | None] = field(default_factory=list)
     # Every seek, in order (exactly-once rewinds).
     seeks: list[dict[PartitionKey, int]] = field(default_factory=list)
 
@@ -124,11 +126,13 @@ class FakeConsumer:
         self.close()
         return True
 
-    def close(self) -> None:
+    def close(self, wait_s: float | None = None) -> bool:
         if self.revoke_on_close and self.assigned and self.listener is not None:
             self.listener.on_revoked(list(self.assigned))
             self.assigned = []
         self.closed = True
+        self.close_waits.append(wait_s)
+        return True
 
     # -- what the test does -----------------------------------------------------------------
 

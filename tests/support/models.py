@@ -41,6 +41,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from worker.contract.scorer import ScoreRequest
+
 SEED = 1234
 # Short enough that a test text can exceed it cheaply; long enough for 8-label templates.
 TINY_MAX_LENGTH = 128
@@ -441,3 +443,33 @@ def bart_large_shaped(target: Path) -> Path:
     _save(model, target)
     check_tokenizer_loaded(target)
     return target
+
+
+# -- the parity requests of the scorer tests -------------------------------------------------
+
+TEMPLATE = "This example is {}."
+CUSTOM_TEMPLATE = "The topic of this text is {}!"
+PARITY_LABELS = LABEL_WORDS[:6]
+
+
+def long_text() -> str:
+    """Forty generated sentences: longer than the tiny models read."""
+    return " ".join(generated_sentences(40, seed=5))
+
+
+def parity_requests() -> list[ScoreRequest]:
+    """Requests that cover the scorer's paths (multi- and single-label, one label, custom
+    templates, a repeated text, texts past the model's length) for the parity tests."""
+    texts = list(generated_sentences(5, seed=11))
+    return [
+        ScoreRequest(texts[0], PARITY_LABELS, True, TEMPLATE),
+        ScoreRequest(texts[1], PARITY_LABELS, False, TEMPLATE),
+        ScoreRequest(texts[2], ("weather",), False, TEMPLATE),
+        ScoreRequest(texts[2], ("weather",), True, TEMPLATE),
+        ScoreRequest(texts[3], LABEL_WORDS[4:12], True, CUSTOM_TEMPLATE),
+        ScoreRequest(texts[3], LABEL_WORDS[4:12], False, CUSTOM_TEMPLATE),
+        ScoreRequest(texts[4], ("music", "food", "sports"), False, TEMPLATE),
+        ScoreRequest(texts[0], ("crime", "sports"), False, TEMPLATE),  # repeated text
+        ScoreRequest(long_text(), PARITY_LABELS, True, TEMPLATE),
+        ScoreRequest(long_text(), PARITY_LABELS[:4], False, CUSTOM_TEMPLATE),
+    ]

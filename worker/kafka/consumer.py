@@ -246,10 +246,19 @@ class KafkaConsumer:
         most ``wait_s``: for a client being replaced, whose close may hang with it. False if
         it did not finish in time; the client is then kept, never destroyed."""
         self._listener = None
-        return close_within(self._consumer, self.close, wait_s, "tagstream-consumer-close")
+        return self.close(wait_s)
 
-    def close(self) -> None:
-        """Leave the group (a static member stays until its session times out)."""
+    def close(self, wait_s: float | None = None) -> bool:
+        """Leave the group (a static member stays until its session times out). With
+        ``wait_s``: on a thread of its own, waited for at most that long, since a group
+        coordinator that is gone can hold the close for good; False if it did not finish
+        (the client is then kept, never destroyed)."""
+        if wait_s is None:
+            self._close_now()
+            return True
+        return close_within(self._consumer, self._close_now, wait_s, "tagstream-consumer-close")
+
+    def _close_now(self) -> None:
         try:
             self._consumer.close()
         except (KafkaException, RuntimeError) as exc:

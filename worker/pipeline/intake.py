@@ -54,7 +54,7 @@ class ConsumerClient(Protocol):
 
     def abandon(self, wait_s: float) -> bool: ...
 
-    def close(self) -> None: ...
+    def close(self, wait_s: float | None = None) -> bool: ...
 
 
 class Intake:
@@ -172,8 +172,13 @@ class Intake:
                 self._observer.record_discarded(record.partition_key, DiscardReason.SHUTDOWN)
         return len(records)
 
-    def close(self) -> None:
-        self.consumer.close()
+    def close(self, wait_s: float | None = None) -> bool:
+        """Close the consumer (its revoke callback still reaches the listener); with
+        ``wait_s`` at most that long: False if it was left closing."""
+        closed = self.consumer.close(wait_s)
+        if not closed:
+            log.warning("consumer still closing, left to itself", wait_s=round(wait_s or 0, 1))
+        return closed
 
     # -- RebalanceListener (main thread, inside poll) --------------------------------------
 

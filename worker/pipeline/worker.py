@@ -75,14 +75,14 @@ FATAL_DRAIN_S: Final = 1.0
 # Handoff already keeps the next batch queued for the model.
 READ_AHEAD_BATCHES: Final = 1
 
-# The producer's close at shutdown waits what is left of shutdown_timeout_s, but at least
-# this long: a close with nothing outstanding takes milliseconds, and the settle before it
-# may have used the whole timeout.
-PRODUCER_CLOSE_MIN_S: Final = 1.0
+# The consumer's and the producer's close at shutdown each wait what is left of
+# shutdown_timeout_s, but at least this long: a close that works takes milliseconds, and
+# the settle before it may have used the whole timeout.
+CLIENT_CLOSE_MIN_S: Final = 1.0
 
 
 def _close_wait_s(deadline: float) -> float:
-    return max(PRODUCER_CLOSE_MIN_S, deadline - time.monotonic())
+    return max(CLIENT_CLOSE_MIN_S, deadline - time.monotonic())
 
 
 # Builds the input consumer from its librdkafka configuration, whether its group protocol
@@ -308,7 +308,7 @@ class Worker:
                 committed=committed,
             )
         self._settled = True
-        self.intake.close()
+        self.intake.close(_close_wait_s(deadline))
         self._close_feed()
         self.producer.close(_close_wait_s(deadline))
         log.info("worker stopped")
@@ -323,7 +323,7 @@ class Worker:
         if not committed:
             log.warning("shutdown: the last transaction was aborted, its work is redone")
         self._settled = True
-        self.intake.close()
+        self.intake.close(_close_wait_s(deadline))
         self._close_feed()
         self.producer.close(_close_wait_s(deadline))
         log.info("worker stopped")

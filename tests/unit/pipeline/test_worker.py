@@ -26,7 +26,7 @@ from worker.errors import KafkaFatalError
 from worker.exit_codes import EXIT_OK
 from worker.kafka.errors import delivery_error
 from worker.kafka.records import PartitionKey
-from worker.pipeline.worker import PRODUCER_CLOSE_MIN_S, Worker
+from worker.pipeline.worker import CLIENT_CLOSE_MIN_S, Worker
 
 TOPIC: Final = "news"
 P0: Final[PartitionKey] = (TOPIC, 0)
@@ -165,7 +165,7 @@ def test_a_shutdown_commit_refused_by_a_rebalance_is_tried_again() -> None:
     assert worker.inference.join(WAIT_S)
 
 
-def test_the_shutdown_waits_for_the_producer_close_no_longer_than_its_timeout() -> None:
+def test_the_shutdown_waits_for_the_clients_to_close_no_longer_than_its_timeout() -> None:
     clients = FakeClients(auto_ack=False)
     worker = _worker(clients, _settings(shutdown_timeout_s=1.5))
     clients.input.assign([P0])
@@ -176,10 +176,12 @@ def test_the_shutdown_waits_for_the_producer_close_no_longer_than_its_timeout() 
         assert worker.shutdown() == EXIT_OK
     assert "shutdown timeout: unfinished work left uncommitted" in [e["event"] for e in logs]
     assert clients.input.committed(P0) in (None, 0)
-    # The close runs on its own thread, bounded: what is left of the timeout, else the floor.
-    [wait_s] = clients.producer.abandon_waits
-    assert wait_s == pytest.approx(PRODUCER_CLOSE_MIN_S, abs=0.5)
-    assert clients.producer.closed
+    # Both closes are bounded: what is left of the timeout, else the floor.
+    [consumer_wait_s] = clients.input.close_waits
+    assert consumer_wait_s == pytest.approx(CLIENT_CLOSE_MIN_S, abs=0.5)
+    [producer_wait_s] = clients.producer.abandon_waits
+    assert producer_wait_s == pytest.approx(CLIENT_CLOSE_MIN_S, abs=0.5)
+    assert clients.input.closed and clients.producer.closed
 
 
 def test_a_lost_partition_commits_nothing_past_its_start(

@@ -18,7 +18,15 @@ from transformers import (
     pipeline,
 )
 
-from tests.support.models import LABEL_WORDS, generated_sentences
+from tests.support.models import (
+    CUSTOM_TEMPLATE,
+    LABEL_WORDS,
+    PARITY_LABELS,
+    TEMPLATE,
+    generated_sentences,
+    long_text,
+    parity_requests,
+)
 from worker.config.settings import ModelSettings
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, Scorer, ScoreRequest
 from worker.errors import DeviceError
@@ -28,35 +36,13 @@ from worker.scoring.factory import build_scorer
 from worker.scoring.nli import MIN_ROW_FILL, NliLabelIndices, NliScorer
 
 FIXTURES = ("tiny_bart_dir", "tiny_deberta_dir", "tiny_two_class_dir")
-TEMPLATE = "This example is {}."
-CUSTOM_TEMPLATE = "The topic of this text is {}!"
 TOLERANCE = 1e-5
-LABELS = LABEL_WORDS[:6]
+LABELS = PARITY_LABELS
 
 
 def _load(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(directory)
-
-
-def _long_text() -> str:
-    return " ".join(generated_sentences(40, seed=5))
-
-
-def _parity_requests() -> list[ScoreRequest]:
-    texts = list(generated_sentences(5, seed=11))
-    return [
-        ScoreRequest(texts[0], LABELS, True, TEMPLATE),
-        ScoreRequest(texts[1], LABELS, False, TEMPLATE),
-        ScoreRequest(texts[2], ("weather",), False, TEMPLATE),
-        ScoreRequest(texts[2], ("weather",), True, TEMPLATE),
-        ScoreRequest(texts[3], LABEL_WORDS[4:12], True, CUSTOM_TEMPLATE),
-        ScoreRequest(texts[3], LABEL_WORDS[4:12], False, CUSTOM_TEMPLATE),
-        ScoreRequest(texts[4], ("music", "food", "sports"), False, TEMPLATE),
-        ScoreRequest(texts[0], ("crime", "sports"), False, TEMPLATE),  # repeated text
-        ScoreRequest(_long_text(), LABELS, True, TEMPLATE),
-        ScoreRequest(_long_text(), LABELS[:4], False, CUSTOM_TEMPLATE),
-    ]
 
 
 def _pipeline_outcome(zero_shot: Any, request: ScoreRequest) -> tuple[list[str], list[float]]:
@@ -127,7 +113,7 @@ def test_scores_match_the_pipeline(
     model, tokenizer = _load(request.getfixturevalue(fixture))
     zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=cast(Any, tokenizer))
     scorer = NliScorer(model, tokenizer, max_batch_tokens=max_batch_tokens)
-    requests = _parity_requests()
+    requests = parity_requests()
 
     outcomes = _scores(scorer.score(requests))
 
@@ -157,7 +143,7 @@ def test_pairs_are_encoded_exactly_as_the_tokenizer_encodes_them(
     texts = [
         "Short one.",
         "  Leading spaces, UPPER case and punctuation?! Café naïve — done.  ",
-        _long_text(),
+        long_text(),
     ]
     hypotheses = {CUSTOM_TEMPLATE.format(label) for label in ("sports", "health care")}
     scorer.score([ScoreRequest(t, ("sports", "health care"), True, CUSTOM_TEMPLATE) for t in texts])
@@ -182,7 +168,7 @@ def test_pairs_are_encoded_exactly_as_the_tokenizer_encodes_them(
 
 def test_tokenizer_fallback_scores_the_same(tiny_deberta_dir: Path) -> None:
     model, tokenizer = _load(tiny_deberta_dir)
-    requests = _parity_requests()
+    requests = parity_requests()
     expected = _scores(NliScorer(model, tokenizer).score(requests))
     fallback = NliScorer(model, tokenizer)
     fallback._template = None  # as for a tokenizer whose pair layout cannot be reproduced
@@ -409,7 +395,7 @@ def test_non_finite_scores_become_an_error(tiny_bart_dir: Path) -> None:
 
 def test_prefetching_collation_scores_the_same(tiny_two_class_dir: Path) -> None:
     model, tokenizer = _load(tiny_two_class_dir)
-    requests = _parity_requests()
+    requests = parity_requests()
     inline = NliScorer(model, tokenizer, max_batch_tokens=256, prefetch=False)
     threaded = NliScorer(model, tokenizer, max_batch_tokens=256, prefetch=True)
     assert threaded.score(requests) == inline.score(requests)
@@ -481,7 +467,7 @@ def test_bart_runs_its_base_and_head_apart_and_still_matches_the_pipeline(
 ) -> None:
     model, tokenizer = _load(tiny_bart_dir)
     zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=cast(Any, tokenizer))
-    requests = _parity_requests()
+    requests = parity_requests()
     expected = [_pipeline_outcome(zero_shot, request) for request in requests]
 
     def data_dependent_forward(*args: Any, **kwargs: Any) -> Any:

@@ -20,8 +20,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from tests.support.models import BART_NLI_LABELS
-from tests.unit.scoring.test_nli import _parity_requests
+from tests.support.models import BART_NLI_LABELS, parity_requests
 from worker.config.settings import ModelSettings
 from worker.contract.scorer import LabelScores, ScoreError, ScoreOutcome, ScoreRequest
 from worker.errors import ScorerConfigError
@@ -335,8 +334,8 @@ def _load(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 
 
 def _short_requests() -> list[ScoreRequest]:
-    """test_nli's parity requests whose texts fit one window."""
-    return [r for r in _parity_requests() if len(r.text) < FITS_CHARS]
+    """The parity requests whose texts fit one window."""
+    return [r for r in parity_requests() if len(r.text) < FITS_CHARS]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES)
