@@ -77,7 +77,7 @@ bench-pipeline: bench-setup
 	$(PY) -m bench.pipeline
 
 bench-latency: bench-setup
-	$(PY) -m bench.latency
+	$(PY) -m bench.latency --ceiling
 
 ## bench-serve: tagstream serve's requests/s and p50/p99 at concurrency 1, 8, 64 (bench/serve.py)
 bench-serve: bench-setup

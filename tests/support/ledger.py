@@ -49,6 +49,15 @@ _COORDINATOR_MOVING: Final = frozenset(
         KafkaError._TIMED_OUT,
     }
 )
+# What reading a topic can meet while a restarted broker elects its partition leaders.
+SETTLING_ERRORS: Final = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -291,7 +300,16 @@ class Ledger:
         """Check again and again until every input is accounted for and committed."""
         deadline = time.monotonic() + timeout_s
         while True:
-            report = self.check()
+            try:
+                report = self.check()
+            except KafkaException as exc:
+                # A broker just started again may not have its partition leaders yet.
+                error: KafkaError = exc.args[0]
+                settling = error.retriable() or error.code() in SETTLING_ERRORS
+                if not settling or time.monotonic() > deadline:
+                    raise
+                time.sleep(RECHECK_INTERVAL_S)
+                continue
             if report.complete or time.monotonic() > deadline:
                 return report
             time.sleep(RECHECK_INTERVAL_S)
