@@ -133,22 +133,36 @@ def test_a_missing_dead_letter_topic_is_a_usage_error(harness: Harness) -> None:
     assert "--from no-such-topic-here: no such topic" in result.stderr
 
 
+def _write_dead_letters(
+    harness: Harness,
+    pipeline: Pipeline,
+    count: int,
+    extra_headers: list[tuple[str, str | bytes | None]] | None = None,
+) -> list[tuple[bytes, bytes]]:
+    """``count`` validate-stage dead letters, keys ``k-0`` ...; their (key, value) pairs."""
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("tagstream.error.stage", b"validate"),
+        ("tagstream.error.class", b"ValidateError"),
+        *(extra_headers or []),
+    ]
+    records = [(f"k-{i}".encode(), f'{{"text": "t{i}"}}'.encode()) for i in range(count)]
+    producer = harness.producer()
+    for key, value in records:
+        producer.produce(pipeline.dead_letter_topic, key=key, value=value, headers=headers)
+    assert producer.flush(30) == 0
+    return records
+
+
 def test_a_run_cut_short_by_max_records_resumes_where_it_stopped(
     harness: Harness, new_topic: Callable[..., str]
 ) -> None:
     pipeline = harness.pipeline(partitions=1)
     target = new_topic(partitions=1)
-    headers: list[tuple[str, str | bytes | None]] = [
-        ("tagstream.error.stage", b"validate"),
-        ("tagstream.error.class", b"ValidateError"),
+    extra: list[tuple[str, str | bytes | None]] = [
         ("tagstream.source.topic", pipeline.input_topic.encode()),
         ("tagstream.failed_at", b"2024-05-01T12:00:00Z"),
     ]
-    records = [(f"k-{i}".encode(), f'{{"text": "t{i}"}}'.encode()) for i in range(5)]
-    producer = harness.producer()
-    for key, value in records:
-        producer.produce(pipeline.dead_letter_topic, key=key, value=value, headers=headers)
-    assert producer.flush(30) == 0
+    records = _write_dead_letters(harness, pipeline, 5, extra)
 
     args = ("--from", pipeline.dead_letter_topic, "--to", target, "--group", "resume-test")
     first = _replay(pipeline, *args, "--max-records", "2", "--rate", "50")
@@ -173,15 +187,7 @@ def test_a_run_stopped_by_sigterm_commits_what_it_replayed_and_the_next_goes_on(
 ) -> None:
     pipeline = harness.pipeline(partitions=1)
     target = new_topic(partitions=1)
-    headers: list[tuple[str, str | bytes | None]] = [
-        ("tagstream.error.stage", b"validate"),
-        ("tagstream.error.class", b"ValidateError"),
-    ]
-    records = [(f"k-{i}".encode(), f'{{"text": "t{i}"}}'.encode()) for i in range(SIGTERM_RECORDS)]
-    producer = harness.producer()
-    for key, value in records:
-        producer.produce(pipeline.dead_letter_topic, key=key, value=value, headers=headers)
-    assert producer.flush(30) == 0
+    records = _write_dead_letters(harness, pipeline, SIGTERM_RECORDS)
     args = ("--from", pipeline.dead_letter_topic, "--to", target, "--group", "sigterm-test")
 
     first = subprocess.Popen(
